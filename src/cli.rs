@@ -1,0 +1,60 @@
+//! The command line (clap). Parsing only: `commands` does the work.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "haconfd",
+    version,
+    about = "Renders haproxy.cfg from etcd or a file, proves it with haproxy -c, installs it atomically and reloads HAProxy safely"
+)]
+pub struct Cli {
+    /// Config file. Without it (and without HACONFD_CONFIG), /etc/haconfd/haconfd.toml, and when
+    /// that does not exist the embedded default (file source over examples/registry.yaml).
+    #[arg(long, global = true, env = "HACONFD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter (tracing's EnvFilter syntax, e.g. "info" or "haconfd=debug").
+    #[arg(long, global = true, default_value = "info", env = "HACONFD_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The daemon: watch the source, render, validate, install, reload.
+    Run,
+    /// Read the source once and render. Without --print or --diff: install and reload once,
+    /// then exit (confd -onetime).
+    Render {
+        /// Print exactly the rendered bytes to stdout; write nothing, reload nothing.
+        #[arg(long, conflicts_with = "diff")]
+        print: bool,
+        /// Print a unified diff of the installed file against the render; write nothing.
+        #[arg(long)]
+        diff: bool,
+        /// Only this template (by its [[template]] name).
+        #[arg(long)]
+        template: Option<String>,
+    },
+    /// Render with the current data and prove it with `haproxy -c`; write nothing. Exit 0 when
+    /// valid, 1 when not.
+    Check {
+        /// Only this template (by its [[template]] name).
+        #[arg(long)]
+        template: Option<String>,
+    },
+    /// Print the version, the git commit and the HAProxy version found.
+    Version,
+}

@@ -1,0 +1,323 @@
+//! The subcommands. Each returns `Ok(())` or a [`Failure`] that knows its exit code: 64 for a
+//! bad config or bad usage, 1 for a runtime failure.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::apply::{self, Applier};
+use crate::config::{self, Config, ConfigError};
+use crate::haproxy::{install, validate};
+use crate::metrics::Metrics;
+use crate::reactor::{self, Apply, Event};
+use crate::render::{Rendered, Templates};
+use crate::source::{self, Update};
+
+/// A command that did not succeed, with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0:#}")]
+    Runtime(#[from] anyhow::Error),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Usage(_) | Failure::Config(_) => 64,
+            Failure::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    Path(PathBuf),
+    Embedded,
+}
+
+impl ConfigSource {
+    /// `--config` / `HACONFD_CONFIG` when given; else the default path when it exists; else the
+    /// embedded default.
+    pub fn resolve(given: Option<PathBuf>) -> ConfigSource {
+        match given {
+            Some(p) => ConfigSource::Path(p),
+            None if Path::new(config::DEFAULT_PATH).exists() => {
+                ConfigSource::Path(config::DEFAULT_PATH.into())
+            }
+            None => ConfigSource::Embedded,
+        }
+    }
+
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            ConfigSource::Path(p) => Config::load(p),
+            ConfigSource::Embedded => Config::embedded_default(),
+        }
+    }
+
+    fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigSource::Path(p) => Some(p),
+            ConfigSource::Embedded => None,
+        }
+    }
+}
+
+fn load_templates(config: &Config) -> Result<Templates, Failure> {
+    Templates::load(config).map_err(|e| Failure::Runtime(e.into()))
+}
+
+fn read_source(config: &Config) -> Result<Update, Failure> {
+    source::read_once(config, 1).map_err(|e| Failure::Runtime(e.into()))
+}
+
+fn select<'a>(
+    rendered: &'a [Rendered],
+    config: &Config,
+    name: Option<&str>,
+) -> Result<Vec<&'a Rendered>, Failure> {
+    match name {
+        Some(n) => {
+            if config.template(n).is_none() {
+                let names: Vec<&str> = config.templates.iter().map(|t| t.name.as_str()).collect();
+                return Err(Failure::Usage(format!(
+                    "--template {n:?}: no [[template]] has that name (configured: {})",
+                    names.join(", ")
+                )));
+            }
+            Ok(rendered.iter().filter(|r| r.template.name == n).collect())
+        }
+        None => Ok(rendered.iter().collect()),
+    }
+}
+
+/// `render --print`, `render --diff`, and `render` (one shot).
+pub async fn render(
+    cs: &ConfigSource,
+    print: bool,
+    diff: bool,
+    template: Option<&str>,
+) -> Result<(), Failure> {
+    let config = cs.load()?;
+    let mut templates = load_templates(&config)?;
+    let update = read_source(&config)?;
+    let metrics = Metrics::default();
+    if print || diff {
+        let rendered = apply::render(&mut templates, &update, &metrics)
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let chosen = select(&rendered, &config, template)?;
+        if print && chosen.len() > 1 {
+            return Err(Failure::Usage(format!(
+                "{} templates are configured: choose one with --template",
+                chosen.len()
+            )));
+        }
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for r in chosen {
+            if print {
+                out.write_all(&r.bytes)
+                    .map_err(|e| Failure::Runtime(e.into()))?;
+            } else {
+                let installed = install::read_installed(&r.template.dest)
+                    .map_err(|e| Failure::Runtime(e.into()))?
+                    .unwrap_or_default();
+                let old = String::from_utf8_lossy(&installed);
+                let new = String::from_utf8_lossy(&r.bytes);
+                let dest = r.template.dest.display().to_string();
+                let text = similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
+                    .unified_diff()
+                    .context_radius(3)
+                    .header(&dest, &format!("{dest} (rendered)"))
+                    .to_string();
+                out.write_all(text.as_bytes())
+                    .map_err(|e| Failure::Runtime(e.into()))?;
+            }
+        }
+        return Ok(());
+    }
+    if template.is_some() {
+        return Err(Failure::Usage(
+            "--template applies to --print and --diff; a one-shot render installs every template"
+                .into(),
+        ));
+    }
+    let mut applier = Applier::new(config, templates, Arc::new(metrics));
+    let result = applier.apply(&update).await;
+    // A one-shot render leaves a supervised HAProxy running only as long as it runs itself:
+    // supervising it is the daemon's job. In supervise mode the one shot just installs.
+    applier.controller.shutdown().await;
+    let report = result.map_err(|e| Failure::Runtime(e.into()))?;
+    tracing::info!(
+        apply.kind = report.kind.as_str(),
+        etcd.revision = report.revision,
+        config.hash = %report.hash,
+        changed = ?report.changed,
+        "render applied"
+    );
+    Ok(())
+}
+
+/// `check`: render and prove with `haproxy -c`; writes nothing beside a private temp dir.
+pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Failure> {
+    let config = cs.load()?;
+    let mut templates = load_templates(&config)?;
+    let update = read_source(&config)?;
+    let metrics = Metrics::default();
+    let rendered =
+        apply::render(&mut templates, &update, &metrics).map_err(|e| Failure::Runtime(e.into()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("haconfd-check-")
+        .tempdir()
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let mut failed = 0;
+    for r in select(&rendered, &config, template)? {
+        if !r.template.check {
+            tracing::info!(template = %r.template.name, "check = false: rendered, not proven");
+            continue;
+        }
+        let path = dir.path().join(format!("{}.cfg", r.template.name));
+        std::fs::write(&path, &r.bytes).map_err(|e| Failure::Runtime(e.into()))?;
+        match validate::check(&config.haproxy.binary, &path, config.haproxy.check_timeout).await {
+            Ok(_) => eprintln!("{}: valid", r.template.name),
+            Err(e) => {
+                eprintln!("{}: {e}", r.template.name);
+                failed += 1;
+            }
+        }
+    }
+    if metrics.rejected() > 0 {
+        eprintln!(
+            "{} key(s) left out; see the warnings above",
+            metrics.rejected()
+        );
+    }
+    if failed > 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{failed} template(s) failed haproxy -c"
+        )));
+    }
+    Ok(())
+}
+
+/// `version`.
+pub async fn version(cs: &ConfigSource) -> Result<(), Failure> {
+    println!(
+        "haconfd {} (commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("HACONFD_GIT_COMMIT")
+    );
+    let binary = cs
+        .load()
+        .map(|c| c.haproxy.binary)
+        .unwrap_or_else(|_| "haproxy".into());
+    println!("haproxy: {}", crate::haproxy::version(&binary).await);
+    Ok(())
+}
+
+/// The real applier behind the reactor.
+struct Daemon {
+    applier: Applier,
+    config_path: Option<PathBuf>,
+}
+
+impl Apply for Daemon {
+    async fn apply(&mut self, update: Option<Arc<Update>>, reconfigure: bool) {
+        if reconfigure {
+            self.applier.reconfigure(self.config_path.as_deref());
+        }
+        // Nothing is written before the source's first successful read.
+        let Some(update) = update else { return };
+        let span = tracing::info_span!("apply", etcd.revision = update.snapshot.revision);
+        let _enter = span.enter();
+        match self.applier.apply(&update).await {
+            Ok(r) => tracing::info!(
+                apply.kind = r.kind.as_str(),
+                config.hash = %r.hash,
+                changed = ?r.changed,
+                ms = r.duration.as_millis() as u64,
+                "applied"
+            ),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "apply failed; keeping the last good config")
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.applier.controller.shutdown().await;
+    }
+}
+
+/// `run`: the daemon.
+pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
+    let config = cs.load()?;
+    let templates = load_templates(&config)?;
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = mpsc::channel::<Event>(1024);
+
+    // Source updates become events.
+    let (utx, mut urx) = mpsc::channel::<Update>(64);
+    let _source = source::spawn_watch(&config, utx).map_err(|e| Failure::Runtime(e.into()))?;
+    let etx = tx.clone();
+    tokio::spawn(async move {
+        while let Some(u) = urx.recv().await {
+            if etx.send(Event::Update(u)).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // Template and config file changes reload them.
+    let mut watched: Vec<PathBuf> = config.templates.iter().map(|t| t.src.clone()).collect();
+    watched.extend(cs.path().map(Path::to_path_buf));
+    let (watcher, mut changes) =
+        source::file::FileWatcher::start(&watched).map_err(|e| Failure::Runtime(e.into()))?;
+    let etx = tx.clone();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        while let Some(path) = changes.recv().await {
+            tracing::info!(file = %path.display(), "template or config changed");
+            if etx.send(Event::Reconfigure).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // Signals.
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Failure::Runtime(e.into()))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Failure::Runtime(e.into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Failure::Runtime(e.into()))?;
+    let etx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading config and templates"); Event::Reconfigure }
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Event::Shutdown }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); Event::Shutdown }
+            };
+            let stop = matches!(ev, Event::Shutdown);
+            if etx.send(ev).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    drop(tx);
+
+    tracing::info!(config = %config.origin, "haconfd running");
+    let wait = config.wait;
+    let daemon = Daemon {
+        applier: Applier::new(config, templates, metrics),
+        config_path: cs.path().map(Path::to_path_buf),
+    };
+    reactor::run(daemon, rx, wait).await;
+    tracing::info!("stopped");
+    Ok(())
+}

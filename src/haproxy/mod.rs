@@ -1,0 +1,243 @@
+//! Everything that starts processes or touches the live config: `haproxy -c`, atomic install,
+//! the master socket, the supervised HAProxy, and reload commands.
+
+pub mod install;
+pub mod master;
+pub mod supervise;
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Command;
+
+use crate::config::{Config, HaproxyMode};
+
+/// Kills a whole process group (a child started with `process_group(0)`).
+pub fn kill_group(pid: u32) {
+    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// A failure to make HAProxy take a new config.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Master(#[from] master::MasterError),
+    #[error("{0}")]
+    Supervise(String),
+    #[error("reload command {argv:?} failed: {message}")]
+    Command { argv: Vec<String>, message: String },
+}
+
+/// What an apply did to HAProxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyKind {
+    /// Nothing changed on disk.
+    None,
+    /// Files changed; HAProxy is not driven (mode "none", or no checked file changed).
+    Written,
+    /// HAProxy was started (supervise, first apply).
+    Start,
+    /// A confirmed reload.
+    Reload,
+}
+
+impl ApplyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyKind::None => "none",
+            ApplyKind::Written => "written",
+            ApplyKind::Start => "start",
+            ApplyKind::Reload => "reload",
+        }
+    }
+}
+
+/// Drives HAProxy per `[haproxy] mode`.
+pub enum Controller {
+    None,
+    Command {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+    Master {
+        socket: PathBuf,
+        timeout: Duration,
+    },
+    Supervise {
+        spec: supervise::Spec,
+        timeout: Duration,
+        running: Option<supervise::Supervisor>,
+    },
+}
+
+impl Controller {
+    /// The controller for `config`; `haproxy_cfg` is the file HAProxy loads.
+    pub fn new(config: &Config) -> Controller {
+        let h = &config.haproxy;
+        match h.mode {
+            HaproxyMode::None => Controller::None,
+            HaproxyMode::Command => Controller::Command {
+                argv: h.reload_cmd.clone(),
+                timeout: h.reload_timeout,
+            },
+            HaproxyMode::Master => Controller::Master {
+                socket: h.master_socket.clone(),
+                timeout: h.reload_timeout,
+            },
+            HaproxyMode::Supervise => Controller::Supervise {
+                spec: supervise::Spec {
+                    binary: h.binary.clone(),
+                    master_socket: h.master_socket.clone(),
+                    config: config
+                        .haproxy_template()
+                        .map(|t| t.dest.clone())
+                        .unwrap_or_default(),
+                    stop_grace: Duration::from_secs(35),
+                },
+                timeout: h.reload_timeout,
+                running: None,
+            },
+        }
+    }
+
+    /// Makes HAProxy take the installed config. With `supervise`, the first call starts it.
+    pub async fn reload(&mut self, state: Option<&StateSave>) -> Result<ApplyKind, ReloadError> {
+        match self {
+            Controller::None => Ok(ApplyKind::Written),
+            Controller::Command { argv, timeout } => {
+                run_command(argv, *timeout).await?;
+                Ok(ApplyKind::Reload)
+            }
+            Controller::Master { socket, timeout } => {
+                save_state(state).await;
+                master::reload(socket, *timeout).await?;
+                Ok(ApplyKind::Reload)
+            }
+            Controller::Supervise {
+                spec,
+                timeout,
+                running,
+            } => {
+                if running.is_none() {
+                    let sup = supervise::Supervisor::start(spec.clone(), *timeout)
+                        .await
+                        .map_err(ReloadError::Supervise)?;
+                    *running = Some(sup);
+                    return Ok(ApplyKind::Start);
+                }
+                save_state(state).await;
+                master::reload(&spec.master_socket, *timeout).await?;
+                Ok(ApplyKind::Reload)
+            }
+        }
+    }
+
+    /// Whether HAProxy still has to be started (supervise mode, before the first apply).
+    pub fn needs_start(&self) -> bool {
+        matches!(self, Controller::Supervise { running: None, .. })
+    }
+
+    /// Stops a supervised HAProxy; other modes leave HAProxy alone.
+    pub async fn shutdown(&mut self) {
+        if let Controller::Supervise { running, .. } = self
+            && let Some(sup) = running.take()
+        {
+            sup.stop().await;
+        }
+    }
+}
+
+/// Where to save `show servers state` before a reload, so that health and slot state survive.
+#[derive(Debug, Clone)]
+pub struct StateSave {
+    pub runtime_socket: PathBuf,
+    pub state_file: PathBuf,
+}
+
+/// Saves server state; a failure is logged, not fatal: the reload still happens, with state
+/// read from the config file instead.
+async fn save_state(state: Option<&StateSave>) {
+    let Some(s) = state else { return };
+    if !s.runtime_socket.exists() {
+        return;
+    }
+    let result = async {
+        let text = master::command(
+            &s.runtime_socket,
+            "show servers state",
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let staged = install::stage(&s.state_file, text.as_bytes()).map_err(|e| e.to_string())?;
+        std::fs::rename(&staged, &s.state_file).map_err(|e| {
+            let _ = std::fs::remove_file(&staged);
+            e.to_string()
+        })
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, file = %s.state_file.display(), "cannot save server state before reload");
+    }
+}
+
+/// Runs a reload command: argv (no shell), stdin closed, own process group killed whole on
+/// timeout, exit status 0 required.
+async fn run_command(argv: &[String], timeout: Duration) -> Result<(), ReloadError> {
+    let err = |message: String| ReloadError::Command {
+        argv: argv.to_vec(),
+        message,
+    };
+    let (prog, args) = argv.split_first().ok_or_else(|| err("empty argv".into()))?;
+    let child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| err(format!("cannot start: {e}")))?;
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            Err(err(format!("{}: {}", out.status, text.trim_end())))
+        }
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Err(_) => {
+            if let Some(pid) = pid {
+                kill_group(pid);
+            }
+            Err(err(format!("did not finish within {timeout:?}; killed")))
+        }
+    }
+}
+
+/// The first line of `haproxy -v`, for `haconfd version`.
+pub async fn version(binary: &str) -> String {
+    let out = Command::new(binary)
+        .arg("-v")
+        .stdin(Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("unknown")
+            .to_owned(),
+        Err(e) => format!("not found ({e})"),
+    }
+}
+
+/// Whether `path` is the file HAProxy loads.
+pub fn is_haproxy_file(config: &Config, path: &Path) -> bool {
+    config.haproxy_template().is_some_and(|t| t.dest == path)
+}

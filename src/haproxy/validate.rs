@@ -1,0 +1,83 @@
+//! `haproxy -c`: proves a staged config before it replaces the live one.
+//!
+//! The check runs with an argv (no shell), a cleared environment, no inherited descriptors
+//! (Rust opens everything close-on-exec, stdin is null), in its own process group that is killed
+//! whole on timeout. Its output is captured for the error report.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// Why a config was not proven.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("haproxy -c rejected {file} (exit {code}):\n{output}")]
+    Rejected {
+        file: String,
+        code: i32,
+        output: String,
+    },
+    #[error("haproxy -c on {file} did not finish within {timeout:?}; killed")]
+    Timeout { file: String, timeout: Duration },
+    #[error("cannot run {binary:?}: {source}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The `PATH` given to child processes whose environment is otherwise cleared.
+pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs `binary -c -f file` and returns its output on success (warnings included).
+pub async fn check(binary: &str, file: &Path, timeout: Duration) -> Result<String, ValidateError> {
+    let mut cmd = Command::new(binary);
+    cmd.arg("-c")
+        .arg("-f")
+        .arg(file)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|source| ValidateError::Spawn {
+        binary: binary.to_owned(),
+        source,
+    })?;
+    let pid = child.id();
+    let file_s = file.display().to_string();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            let text = text.trim_end().to_owned();
+            // Exit 2 means "valid, but no listener": valid for a file that only holds backends.
+            match out.status.code() {
+                Some(0) | Some(2) => Ok(text),
+                code => Err(ValidateError::Rejected {
+                    file: file_s,
+                    code: code.unwrap_or(-1),
+                    output: text,
+                }),
+            }
+        }
+        Ok(Err(source)) => Err(ValidateError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        }),
+        Err(_) => {
+            if let Some(pid) = pid {
+                crate::haproxy::kill_group(pid);
+            }
+            Err(ValidateError::Timeout {
+                file: file_s,
+                timeout,
+            })
+        }
+    }
+}

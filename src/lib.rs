@@ -1,0 +1,23 @@
+//! haconfd: watch a key-value source, render haproxy.cfg, prove it, install it, reload HAProxy.
+//!
+//! - `cli`      — the command line (clap), parsing only
+//! - `config`   — the TOML config file → validated `Config`; errors name key, value and fix
+//! - `model`    — raw pairs → screened `Snapshot` → typed `Registry`
+//! - `source`   — where pairs come from: `file` (notify) today, etcd next
+//! - `render`   — pure: `(Snapshot, Registry) → bytes`, with the confd-equivalent functions
+//! - `haproxy`  — `haproxy -c`, atomic install, master socket, supervised HAProxy, reload command
+//! - `apply`    — one apply: render → install → reload, restoring on failure
+//! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
+//! - `commands` — the subcommands, with exit codes
+//! - `metrics`  — counters the daemon keeps
+
+pub mod apply;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod haproxy;
+pub mod metrics;
+pub mod model;
+pub mod reactor;
+pub mod render;
+pub mod source;

@@ -1,0 +1,568 @@
+//! The data model: raw key-value pairs in, a screened [`Snapshot`] and a typed [`Registry`] out.
+//!
+//! Every key and value from a source is untrusted. [`Snapshot::screen`] drops pairs whose key or
+//! value could change the meaning of a config file (control characters, line separators, bytes
+//! that are not UTF-8, oversize values) before any template can see them. [`Registry::parse`]
+//! then turns the `/services/` and `/routes/` keys into typed values — IP addresses or checked
+//! host names, ports, weights, states — and rejects, by key, anything that does not parse.
+//! A rejection never carries the value: values may hold secrets or hostile bytes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// The longest value accepted from a source. Registry values are a few hundred bytes.
+pub const MAX_VALUE_LEN: usize = 8 * 1024;
+/// The longest key accepted from a source.
+pub const MAX_KEY_LEN: usize = 512;
+/// Registry prefix of service instances.
+pub const SERVICES_PREFIX: &str = "/services/";
+/// Registry prefix of routes.
+pub const ROUTES_PREFIX: &str = "/routes/";
+
+/// One key-value pair that was left out, with why. The key is shown escaped; the value never.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key {}: {}", self.key, self.reason)
+    }
+}
+
+/// Shows a key that may hold hostile bytes as a quoted, escaped, bounded string.
+pub fn display_key(key: &[u8]) -> String {
+    let text = String::from_utf8_lossy(key);
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().count() > 200 {
+        out.push('…');
+    }
+    format!("\"{out}\"")
+}
+
+/// The source's state at one revision: every key that passed the screen, sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The etcd revision, or a counter that rises with every change for the file source.
+    pub revision: i64,
+    pub kv: BTreeMap<String, String>,
+}
+
+/// Why a raw value or key cannot be shown to a template, if it cannot.
+fn screen_raw(bytes: &[u8], max_len: usize) -> Result<&str, String> {
+    if bytes.len() > max_len {
+        return Err(format!("longer than {max_len} bytes"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_owned())?;
+    for c in text.chars() {
+        let bad = match c {
+            '\t' | '\n' | '\r' => Some("a tab or line break"),
+            '\u{0}'..='\u{1f}' | '\u{7f}' | '\u{80}'..='\u{9f}' => Some("a control character"),
+            '\u{2028}' | '\u{2029}' => Some("a Unicode line separator"),
+            '\u{fffd}' => Some("bytes that are not valid UTF-8"),
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                Some("an invisible or bidirectional formatting character")
+            }
+            '\u{feff}' => Some("a byte-order mark"),
+            _ => None,
+        };
+        if let Some(what) = bad {
+            return Err(format!("contains {what}"));
+        }
+    }
+    Ok(text)
+}
+
+/// The characters that may never reach a config line from data, beyond control characters.
+pub fn is_config_unsafe(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '#' | '$' | ';') || c.is_control()
+}
+
+impl Snapshot {
+    /// Screens raw pairs into a snapshot. Keys outside `prefixes` are ignored silently; pairs
+    /// whose key or value fails the screen are returned as rejections.
+    pub fn screen<I, K, V>(revision: i64, prefixes: &[String], raw: I) -> (Snapshot, Vec<Rejection>)
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let mut kv = BTreeMap::new();
+        let mut rejected = Vec::new();
+        for (k, v) in raw {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            if !prefixes.iter().any(|p| k.starts_with(p.as_bytes())) {
+                continue;
+            }
+            let key = match screen_raw(k, MAX_KEY_LEN) {
+                Ok(key) if key.chars().any(is_config_unsafe) => {
+                    Err("key contains whitespace, a quote, '\\', '#', '$' or ';'".to_owned())
+                }
+                other => other,
+            };
+            let key = match key {
+                Ok(key) => key,
+                Err(reason) => {
+                    rejected.push(Rejection {
+                        key: display_key(k),
+                        reason: format!("key {reason}"),
+                    });
+                    continue;
+                }
+            };
+            match screen_raw(v, MAX_VALUE_LEN) {
+                Ok(value) => {
+                    kv.insert(key.to_owned(), value.to_owned());
+                }
+                Err(reason) => rejected.push(Rejection {
+                    key: display_key(k),
+                    reason: format!("value {reason}"),
+                }),
+            }
+        }
+        (Snapshot { revision, kv }, rejected)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed values
+// ---------------------------------------------------------------------------------------------
+
+/// RFC 1123 host name: dot-separated labels of letters, digits and '-', at most 253 bytes, and
+/// not all digits in the last label (so that a mistyped IPv4 address is not taken for a name).
+pub fn is_hostname(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    if s.is_empty() || s.len() > 253 {
+        return false;
+    }
+    let labels: Vec<&str> = s.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    labels.iter().all(label_ok)
+        && labels
+            .last()
+            .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A URL path for routing or health checks: starts with '/', only unreserved and '/' or '%'
+/// characters, at most 256 bytes.
+pub fn is_http_path(s: &str) -> bool {
+    s.starts_with('/')
+        && s.len() <= 256
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~' | b'%' | b'+')
+        })
+}
+
+/// A service name: a DNS label (it is also the implicit `Host:` of the service), with '.' and
+/// '_' allowed inside. It starts with a letter or digit, so generated names cannot collide
+/// with haconfd's own `_`-prefixed names.
+pub fn is_service_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// An instance id: `[A-Za-z0-9._:-]{1,128}`, starting with a letter or digit.
+pub fn is_instance_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Where an instance listens: an IP address or a checked host name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Host {
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+    Name(String),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::V4(a) => write!(f, "{a}"),
+            Host::V6(a) => write!(f, "{a}"),
+            Host::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// Parses `HOST:PORT`, `[V6]:PORT` or `name:PORT`.
+pub fn parse_addr(s: &str) -> Result<(Host, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or("an IPv6 address must be written [ADDR]:PORT")?;
+        let ip: Ipv6Addr = h
+            .parse()
+            .map_err(|_| "the part in brackets is not an IPv6 address")?;
+        (Host::V6(ip), p)
+    } else {
+        let (h, p) = s.rsplit_once(':').ok_or("the address has no :PORT")?;
+        if h.contains(':') {
+            return Err("an IPv6 address must be written [ADDR]:PORT".into());
+        }
+        let host = if let Ok(ip) = h.parse::<Ipv4Addr>() {
+            Host::V4(ip)
+        } else if is_hostname(h) {
+            Host::Name(h.to_ascii_lowercase())
+        } else {
+            return Err("the host is neither an IP address nor a valid host name".into());
+        };
+        (host, p)
+    };
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("the port is not a number from 1 to 65535".into());
+    }
+    match port.parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok((host, p as u16)),
+        _ => Err("the port is not a number from 1 to 65535".into()),
+    }
+}
+
+/// What an instance asks of the load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Takes traffic.
+    Ready,
+    /// Finishes its sessions, takes no new ones.
+    Drain,
+    /// Out of service; not health-checked.
+    Maint,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ready => "ready",
+            State::Drain => "drain",
+            State::Maint => "maint",
+        }
+    }
+}
+
+/// One instance of a service, as templates see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// The last segment of the instance's key.
+    pub id: String,
+    /// The HAProxy server name: generated, safe, stable across renders.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// `host:port`, or `[v6]:port`.
+    pub addr: String,
+    pub weight: u16,
+    pub state: State,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// How a service is reached from the frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub hosts: Vec<String>,
+    pub paths: Vec<String>,
+    pub balance: String,
+    /// The HTTP health-check path, if any; otherwise checks are TCP connects.
+    pub check: Option<String>,
+}
+
+/// One service: a backend in HAProxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    /// The HAProxy backend name: generated, safe, stable.
+    pub backend: String,
+    pub route: Option<Route>,
+    pub instances: Vec<Instance>,
+}
+
+/// The typed registry: services sorted by name, instances sorted by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Registry {
+    pub services: Vec<Service>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    addr: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default = "default_state")]
+    state: State,
+    #[serde(default)]
+    meta: BTreeMap<String, serde_json::Value>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+fn default_state() -> State {
+    State::Ready
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default = "default_balance")]
+    balance: String,
+    #[serde(default)]
+    check: Option<String>,
+}
+
+fn default_balance() -> String {
+    "roundrobin".into()
+}
+
+/// Balance algorithms a route may ask for: those that take no argument.
+pub const BALANCE_ALGORITHMS: &[&str] = &[
+    "roundrobin",
+    "static-rr",
+    "leastconn",
+    "first",
+    "source",
+    "random",
+];
+
+const MAX_META: usize = 32;
+
+fn parse_instance(id: &str, value: &str) -> Result<Instance, String> {
+    let raw = if value.trim_start().starts_with('{') {
+        serde_json::from_str::<RawInstance>(value).map_err(|e| json_problem(&e))?
+    } else {
+        RawInstance {
+            addr: value.to_owned(),
+            weight: default_weight(),
+            state: State::Ready,
+            meta: BTreeMap::new(),
+        }
+    };
+    let (host, port) = parse_addr(&raw.addr).map_err(|e| format!("field addr: {e}"))?;
+    if raw.weight > 256 {
+        return Err("field weight: must be from 0 to 256".into());
+    }
+    if raw.meta.len() > MAX_META {
+        return Err(format!("field meta: more than {MAX_META} entries"));
+    }
+    let mut meta = BTreeMap::new();
+    for (k, v) in raw.meta {
+        let v = match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(format!(
+                    "field meta.{}: must be a string, number or bool",
+                    safe_name(&k)
+                ));
+            }
+        };
+        let token_ok =
+            |s: &str| !s.is_empty() && s.len() <= 256 && !s.chars().any(is_config_unsafe);
+        if !token_ok(&k) || k.len() > 64 {
+            return Err(
+                "field meta: a name is empty, too long or holds a forbidden character".into(),
+            );
+        }
+        if !token_ok(&v) {
+            return Err(format!(
+                "field meta.{k}: empty, too long, or holds whitespace, a quote, '\\', '#', '$' or ';'"
+            ));
+        }
+        meta.insert(k, v);
+    }
+    let addr = match host {
+        Host::V6(ip) => format!("[{ip}]:{port}"),
+        ref h => format!("{h}:{port}"),
+    };
+    Ok(Instance {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        host: host.to_string(),
+        port,
+        addr,
+        weight: raw.weight as u16,
+        state: raw.state,
+        meta,
+    })
+}
+
+/// A name from input, shown only when it is already a safe token.
+fn safe_name(s: &str) -> &str {
+    if is_instance_id(s) { s } else { "<name>" }
+}
+
+/// Describes a JSON error without quoting the input: serde_json's messages name the field and
+/// the expected type, never the offending value, except for unknown variants, which we rephrase.
+fn json_problem(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if msg.starts_with("unknown variant") {
+        return "field state: must be \"ready\", \"drain\" or \"maint\"".into();
+    }
+    if msg.starts_with("unknown field") {
+        // "unknown field `x`, expected one of …": the field name comes from the input.
+        let name = msg.split('`').nth(1).map(safe_name).unwrap_or("<name>");
+        return format!(
+            "unknown field {name} (known: addr, weight, state, meta / hosts, paths, balance, check)"
+        );
+    }
+    match e.classify() {
+        serde_json::error::Category::Data => {
+            // Type errors quote only the expected type, e.g. "invalid type: string \"x\"".
+            let expected = msg
+                .split("expected")
+                .nth(1)
+                .unwrap_or(" the documented shape");
+            let expected = expected.split(" at line").next().unwrap_or("");
+            format!("a field has the wrong type (expected{expected})")
+        }
+        _ => format!("not valid JSON (line {}, column {})", e.line(), e.column()),
+    }
+}
+
+fn parse_route(value: &str) -> Result<Route, String> {
+    let raw: RawRoute = serde_json::from_str(value).map_err(|e| json_problem(&e))?;
+    if raw.hosts.len() > 64 || raw.paths.len() > 64 {
+        return Err("more than 64 hosts or paths".into());
+    }
+    let mut hosts = Vec::new();
+    for h in raw.hosts {
+        if !is_hostname(&h) {
+            return Err("field hosts: an entry is not a valid host name".into());
+        }
+        hosts.push(h.trim_end_matches('.').to_ascii_lowercase());
+    }
+    hosts.sort();
+    hosts.dedup();
+    for p in &raw.paths {
+        if !is_http_path(p) {
+            return Err("field paths: an entry is not a plain path starting with '/'".into());
+        }
+    }
+    if !BALANCE_ALGORITHMS.contains(&raw.balance.as_str()) {
+        return Err(format!(
+            "field balance: must be one of {}",
+            BALANCE_ALGORITHMS.join(", ")
+        ));
+    }
+    if let Some(c) = &raw.check
+        && !is_http_path(c)
+    {
+        return Err("field check: not a plain path starting with '/'".into());
+    }
+    let mut paths = raw.paths;
+    paths.sort();
+    paths.dedup();
+    Ok(Route {
+        hosts,
+        paths,
+        balance: raw.balance,
+        check: raw.check,
+    })
+}
+
+impl Registry {
+    /// Parses the registry keys of a snapshot. Other keys are ignored (custom templates may read
+    /// them through the raw functions); bad registry keys are returned as rejections.
+    pub fn parse(snapshot: &Snapshot) -> (Registry, Vec<Rejection>) {
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        let mut rejected = Vec::new();
+        fn service<'m>(services: &'m mut BTreeMap<String, Service>, name: &str) -> &'m mut Service {
+            services.entry(name.to_owned()).or_insert_with(|| Service {
+                name: name.to_owned(),
+                backend: format!("be_{name}"),
+                route: None,
+                instances: Vec::new(),
+            })
+        }
+        for (key, value) in snapshot.kv.range(SERVICES_PREFIX.to_owned()..) {
+            let Some(rest) = key.strip_prefix(SERVICES_PREFIX) else {
+                break;
+            };
+            let reject = |reason: String| Rejection {
+                key: display_key(key.as_bytes()),
+                reason,
+            };
+            let Some((svc, id)) = rest.split_once('/') else {
+                rejected.push(reject(
+                    "not of the form /services/<service>/<instance-id>".into(),
+                ));
+                continue;
+            };
+            if !is_service_name(svc) {
+                rejected.push(reject(
+                    "service name must be 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit".into(),
+                ));
+                continue;
+            }
+            if !is_instance_id(id) {
+                rejected.push(reject(
+                    "instance id must be 1-128 of [A-Za-z0-9._:-], starting with a letter or digit"
+                        .into(),
+                ));
+                continue;
+            }
+            match parse_instance(id, value) {
+                Ok(inst) => service(&mut services, svc).instances.push(inst),
+                Err(reason) => rejected.push(reject(reason)),
+            }
+        }
+        for (key, value) in snapshot.kv.range(ROUTES_PREFIX.to_owned()..) {
+            let Some(svc) = key.strip_prefix(ROUTES_PREFIX) else {
+                break;
+            };
+            let reject = |reason: String| Rejection {
+                key: display_key(key.as_bytes()),
+                reason,
+            };
+            if !is_service_name(svc) {
+                rejected.push(reject("not of the form /routes/<service>".into()));
+                continue;
+            }
+            match parse_route(value) {
+                Ok(route) => service(&mut services, svc).route = Some(route),
+                Err(reason) => rejected.push(reject(reason)),
+            }
+        }
+        let services = services
+            .into_values()
+            .map(|mut s| {
+                s.instances.sort_by(|a, b| a.id.cmp(&b.id));
+                s
+            })
+            .collect();
+        (Registry { services }, rejected)
+    }
+
+    /// The number of instances across all services.
+    pub fn instance_count(&self) -> usize {
+        self.services.iter().map(|s| s.instances.len()).sum()
+    }
+}

@@ -1,0 +1,187 @@
+//! Rendering: `(Snapshot, Registry, settings) → bytes` for every configured template.
+//!
+//! Pure apart from loading the template sources in [`Templates::load`]: rendering reads no file,
+//! no clock and no environment (the environment for `getenv` is captured at load time, and
+//! refreshed with the templates on SIGHUP).
+
+pub mod functions;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tera::{Context, Tera};
+
+use crate::config::{Config, FrontendConfig, TemplateConfig};
+use crate::model::{Registry, Service, Snapshot};
+
+/// A template that cannot be loaded or rendered. The message carries tera's report, which names
+/// the template file, line and column.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("cannot read template {name:?} from {path}: {source}")]
+    Read {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("template {name:?} ({path}) does not parse:\n{report}")]
+    Parse {
+        name: String,
+        path: PathBuf,
+        report: String,
+    },
+    #[error("template {name:?} ({path}) failed to render:\n{report}")]
+    Render {
+        name: String,
+        path: PathBuf,
+        report: String,
+    },
+}
+
+/// What the templates see besides the registry: `haproxy.*`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HaproxyView {
+    pub master_socket: String,
+    pub runtime_socket: String,
+    pub state_file: String,
+    pub spare_slots: u32,
+}
+
+/// The whole context handed to a template.
+#[derive(Serialize)]
+struct View<'a> {
+    services: &'a [Service],
+    frontend: &'a FrontendConfig,
+    haproxy: &'a HaproxyView,
+    revision: i64,
+}
+
+/// The loaded templates, ready to render.
+pub struct Templates {
+    tera: Tera,
+    list: Vec<TemplateConfig>,
+    frontend: FrontendConfig,
+    haproxy: HaproxyView,
+    env: Arc<BTreeMap<String, String>>,
+}
+
+impl Templates {
+    /// Reads and parses every template of `config`.
+    pub fn load(config: &Config) -> Result<Templates, RenderError> {
+        let mut sources = Vec::with_capacity(config.templates.len());
+        for t in &config.templates {
+            let text = std::fs::read_to_string(&t.src).map_err(|source| RenderError::Read {
+                name: t.name.clone(),
+                path: t.src.clone(),
+                source,
+            })?;
+            sources.push((t, text));
+        }
+        Self::from_sources(config, sources.iter().map(|(t, s)| (*t, s.as_str())))
+    }
+
+    /// Parses templates from text already read (`load` and tests).
+    pub fn from_sources<'a>(
+        config: &Config,
+        sources: impl IntoIterator<Item = (&'a TemplateConfig, &'a str)>,
+    ) -> Result<Templates, RenderError> {
+        let mut tera = Tera::new();
+        functions::register_filters(&mut tera);
+        // Register the functions once with an empty snapshot so that parsing knows the names.
+        functions::register_functions(
+            &mut tera,
+            &Arc::new(Snapshot::default()),
+            &Arc::new(BTreeMap::new()),
+        );
+        let mut list = Vec::new();
+        for (t, text) in sources {
+            // The template's file name is its tera name, so errors point at the file.
+            tera.add_raw_template(&tera_name(t), text)
+                .map_err(|e| RenderError::Parse {
+                    name: t.name.clone(),
+                    path: t.src.clone(),
+                    report: report(&e),
+                })?;
+            list.push(t.clone());
+        }
+        let h = &config.haproxy;
+        Ok(Templates {
+            tera,
+            list,
+            frontend: config.frontend.clone(),
+            haproxy: HaproxyView {
+                master_socket: h.master_socket.display().to_string(),
+                runtime_socket: h.runtime_socket.display().to_string(),
+                state_file: h.state_file.display().to_string(),
+                spare_slots: h.spare_slots,
+            },
+            env: Arc::new(std::env::vars().collect()),
+        })
+    }
+
+    /// The configured templates, in config order.
+    pub fn list(&self) -> &[TemplateConfig] {
+        &self.list
+    }
+
+    /// Renders every template over one snapshot and its registry, in config order.
+    pub fn render_all(
+        &mut self,
+        snapshot: &Arc<Snapshot>,
+        registry: &Registry,
+    ) -> Result<Vec<Rendered>, RenderError> {
+        functions::register_functions(&mut self.tera, snapshot, &self.env);
+        let view = View {
+            services: &registry.services,
+            frontend: &self.frontend,
+            haproxy: &self.haproxy,
+            revision: snapshot.revision,
+        };
+        let ctx = Context::from_serialize(&view).map_err(|e| RenderError::Render {
+            name: "(context)".into(),
+            path: PathBuf::new(),
+            report: report(&e),
+        })?;
+        let mut out = Vec::with_capacity(self.list.len());
+        for t in &self.list {
+            let text = self
+                .tera
+                .render(&tera_name(t), &ctx)
+                .map_err(|e| RenderError::Render {
+                    name: t.name.clone(),
+                    path: t.src.clone(),
+                    report: report(&e),
+                })?;
+            out.push(Rendered {
+                template: t.clone(),
+                bytes: text.into_bytes(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One rendered file, not yet installed.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub template: TemplateConfig,
+    pub bytes: Vec<u8>,
+}
+
+fn tera_name(t: &TemplateConfig) -> String {
+    t.src.display().to_string()
+}
+
+/// tera's errors print a report with the file, line and column; keep the whole cause chain.
+fn report(e: &tera::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!("\ncaused by: {s}"));
+        source = s.source();
+    }
+    text
+}
