@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::apply::{self, Applier};
 use crate::config::{self, Config, ConfigError};
@@ -74,8 +75,10 @@ fn load_templates(config: &Config) -> Result<Templates, Failure> {
     Templates::load(config).map_err(|e| Failure::Runtime(e.into()))
 }
 
-fn read_source(config: &Config) -> Result<Update, Failure> {
-    source::read_once(config, 1).map_err(|e| Failure::Runtime(e.into()))
+async fn read_source(config: &Config) -> Result<Update, Failure> {
+    source::read_once(config, 1)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))
 }
 
 fn select<'a>(
@@ -107,7 +110,7 @@ pub async fn render(
 ) -> Result<(), Failure> {
     let config = cs.load()?;
     let mut templates = load_templates(&config)?;
-    let update = read_source(&config)?;
+    let update = read_source(&config).await?;
     let metrics = Metrics::default();
     if print || diff {
         let rendered = apply::render(&mut templates, &update, &metrics)
@@ -169,7 +172,7 @@ pub async fn render(
 pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Failure> {
     let config = cs.load()?;
     let mut templates = load_templates(&config)?;
-    let update = read_source(&config)?;
+    let update = read_source(&config).await?;
     let metrics = Metrics::default();
     let rendered =
         apply::render(&mut templates, &update, &metrics).map_err(|e| Failure::Runtime(e.into()))?;
@@ -236,8 +239,7 @@ impl Apply for Daemon {
         // Nothing is written before the source's first successful read.
         let Some(update) = update else { return };
         let span = tracing::info_span!("apply", etcd.revision = update.snapshot.revision);
-        let _enter = span.enter();
-        match self.applier.apply(&update).await {
+        match self.applier.apply(&update).instrument(span).await {
             Ok(r) => tracing::info!(
                 apply.kind = r.kind.as_str(),
                 config.hash = %r.hash,

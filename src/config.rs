@@ -819,10 +819,24 @@ fn validate_haproxy(raw: RawHaproxy) -> Result<HaproxyConfig, ConfigError> {
             "name the haproxy executable, like \"haproxy\" or \"/usr/sbin/haproxy\"",
         ));
     }
+    // HAProxy reads a relative socket path as host:port: make every path absolute.
+    let absolute = |key: &str, p: PathBuf| {
+        std::path::absolute(&p).map_err(|e| {
+            invalid(
+                key,
+                p.display().to_string(),
+                format!("cannot be made absolute ({e})"),
+                "write an absolute path",
+            )
+        })
+    };
+    let master_socket = absolute("haproxy.master_socket", raw.master_socket)?;
+    let runtime_socket = absolute("haproxy.runtime_socket", raw.runtime_socket)?;
+    let state_file = absolute("haproxy.state_file", raw.state_file)?;
     // A unix socket path longer than sun_path (108 bytes with the NUL) cannot be bound.
     for (key, p) in [
-        ("haproxy.master_socket", &raw.master_socket),
-        ("haproxy.runtime_socket", &raw.runtime_socket),
+        ("haproxy.master_socket", &master_socket),
+        ("haproxy.runtime_socket", &runtime_socket),
     ] {
         let s = p.display().to_string();
         if s.is_empty() || s.len() > 107 || s.chars().any(|c| c.is_whitespace() || c == ',') {
@@ -845,9 +859,9 @@ fn validate_haproxy(raw: RawHaproxy) -> Result<HaproxyConfig, ConfigError> {
     Ok(HaproxyConfig {
         mode,
         binary: raw.binary,
-        master_socket: raw.master_socket,
-        runtime_socket: raw.runtime_socket,
-        state_file: raw.state_file,
+        master_socket,
+        runtime_socket,
+        state_file,
         runtime_updates: raw.runtime_updates,
         reload_cmd: raw.reload_cmd,
         reload_timeout: duration("haproxy.reload_timeout", &raw.reload_timeout)?,

@@ -98,6 +98,8 @@ pub async fn command(socket: &Path, cmd: &str, timeout: Duration) -> Result<Stri
         let mut s = UnixStream::connect(socket).await?;
         s.write_all(cmd.as_bytes()).await?;
         s.write_all(b"\n").await?;
+        // Half-close: the master CLI answers and closes only once it sees the end of input.
+        s.shutdown().await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())

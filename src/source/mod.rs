@@ -1,6 +1,7 @@
 //! Sources of key-value data: the file source today, etcd next. A source delivers whole,
 //! screened snapshots; the reactor never sees a partial state.
 
+pub mod etcd;
 pub mod file;
 
 use std::path::PathBuf;
@@ -18,8 +19,8 @@ pub enum SourceError {
     File { path: PathBuf, message: String },
     #[error("cannot watch files: {0}")]
     Watch(String),
-    #[error("the etcd source is not built yet: use source.kind = \"file\"")]
-    EtcdUnavailable,
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
 
 /// One complete read of a source.
@@ -30,18 +31,45 @@ pub struct Update {
     pub rejected: Vec<Rejection>,
 }
 
-/// Reads the configured source once. `revision` is the revision to stamp on a file read.
-pub fn read_once(config: &Config, revision: i64) -> Result<Update, SourceError> {
+impl Update {
+    /// Screens raw pairs read at `revision` into an update.
+    pub fn screen<I, K, V>(revision: i64, prefixes: &[String], raw: I) -> Update
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let (snapshot, rejected) = Snapshot::screen(revision, prefixes, raw);
+        Update {
+            snapshot: Arc::new(snapshot),
+            rejected,
+        }
+    }
+}
+
+/// Reads the configured source once: one consistent read of every prefix. `revision` is the
+/// revision stamped on a file read; etcd reads carry etcd's.
+pub async fn read_once(config: &Config, revision: i64) -> Result<Update, SourceError> {
     match &config.source.kind {
         SourceKind::File(f) => {
             let pairs = file::read(&f.path)?;
-            let (snapshot, rejected) = Snapshot::screen(revision, &config.source.prefixes, pairs);
-            Ok(Update {
-                snapshot: Arc::new(snapshot),
-                rejected,
-            })
+            Ok(Update::screen(revision, &config.source.prefixes, pairs))
         }
-        SourceKind::Etcd(_) => Err(SourceError::EtcdUnavailable),
+        SourceKind::Etcd(e) => {
+            let (revision, pairs) = etcd::read_once(e, &config.source.prefixes).await?;
+            Ok(Update::screen(revision, &config.source.prefixes, pairs))
+        }
+    }
+}
+
+fn read_file(config: &Config, revision: i64) -> Result<Update, SourceError> {
+    match &config.source.kind {
+        SourceKind::File(f) => Ok(Update::screen(
+            revision,
+            &config.source.prefixes,
+            file::read(&f.path)?,
+        )),
+        SourceKind::Etcd(_) => Err(SourceError::Etcd("not a file source".into())),
     }
 }
 
@@ -53,8 +81,9 @@ pub fn spawn_watch(
     config: &Config,
     tx: mpsc::Sender<Update>,
 ) -> Result<tokio::task::JoinHandle<()>, SourceError> {
-    let SourceKind::File(f) = &config.source.kind else {
-        return Err(SourceError::EtcdUnavailable);
+    let f = match &config.source.kind {
+        SourceKind::File(f) => f,
+        SourceKind::Etcd(_) => return Ok(etcd::spawn_watch(config, tx)),
     };
     // Watch before the first read, so that a change between the two is not missed.
     let (watcher, mut changes) = file::FileWatcher::start(std::slice::from_ref(&f.path))?;
@@ -64,7 +93,7 @@ pub fn spawn_watch(
         let mut revision = 0;
         let mut last: Option<Arc<Snapshot>> = None;
         loop {
-            match read_once(&config, revision + 1) {
+            match read_file(&config, revision + 1) {
                 Ok(update) if last.as_ref().is_some_and(|l| l.kv == update.snapshot.kv) => {}
                 Ok(update) => {
                     revision += 1;

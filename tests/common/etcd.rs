@@ -1,0 +1,1 @@
+//! A real etcd for tests: private data dir, free loopback ports, killed by PID on drop.

@@ -1,0 +1,56 @@
+//! Shared helpers for the integration tests: temp workspaces, free loopback ports, the haconfd
+//! binary, and real etcd and HAProxy processes (`etcd`, `haproxy` submodules). Every process a
+//! test starts is ended by its PID when its guard drops.
+#![allow(dead_code)]
+
+pub mod etcd;
+pub mod haproxy;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The haconfd binary cargo built for these tests.
+pub fn haconfd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_haconfd"))
+}
+
+/// The repository root (templates/, examples/).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Runs `haconfd ARGS` to completion.
+pub fn haconfd(args: &[&str]) -> Output {
+    Command::new(haconfd_bin())
+        .args(args)
+        .env_remove("HACONFD_CONFIG")
+        .output()
+        .expect("run haconfd")
+}
+
+/// Polls `f` every 20 ms until it returns Some, or panics after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a file atomically (temp + rename), the way deploy tools do.
+pub fn write_atomic(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
