@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::apply::{self, Applier};
 use crate::config::{self, Config, ConfigError};
-use crate::haproxy::{install, validate};
+use crate::haproxy::{Controller, install, validate};
 use crate::metrics::Metrics;
 use crate::reactor::{self, Apply, Event};
 use crate::render::{Rendered, Templates};
@@ -152,12 +152,13 @@ pub async fn render(
                 .into(),
         ));
     }
+    let controller = Controller::one_shot(&config).await;
     let mut applier = Applier::new(config, templates, Arc::new(metrics));
-    let result = applier.apply(&update).await;
-    // A one-shot render leaves a supervised HAProxy running only as long as it runs itself:
-    // supervising it is the daemon's job. In supervise mode the one shot just installs.
-    applier.controller.shutdown().await;
-    let report = result.map_err(|e| Failure::Runtime(e.into()))?;
+    applier.controller = controller;
+    let report = applier
+        .apply(&update)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
     tracing::info!(
         apply.kind = report.kind.as_str(),
         etcd.revision = report.revision,

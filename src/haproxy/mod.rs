@@ -104,6 +104,32 @@ impl Controller {
         }
     }
 
+    /// The controller for a one-shot `render`: like [`Controller::new`], except that `supervise`
+    /// never starts an HAProxy of its own. It reloads through the master socket of the
+    /// supervising daemon when that answers, and only installs otherwise.
+    pub async fn one_shot(config: &Config) -> Controller {
+        match Controller::new(config) {
+            Controller::Supervise { spec, timeout, .. } => {
+                if master::show_proc(&spec.master_socket, Duration::from_secs(1))
+                    .await
+                    .is_ok()
+                {
+                    Controller::Master {
+                        socket: spec.master_socket,
+                        timeout,
+                    }
+                } else {
+                    tracing::info!(
+                        socket = %spec.master_socket.display(),
+                        "no supervised HAProxy answers: installing only"
+                    );
+                    Controller::None
+                }
+            }
+            c => c,
+        }
+    }
+
     /// Makes HAProxy take the installed config. With `supervise`, the first call starts it.
     pub async fn reload(&mut self, state: Option<&StateSave>) -> Result<ApplyKind, ReloadError> {
         match self {
