@@ -1,1 +1,419 @@
 //! Real HAProxy processes and local HTTP backends for tests, on 127.0.0.1 only.
+//!
+//! A [`Workspace`] is one temp dir holding a registry file, a config that points at it, and the
+//! dest and sockets haconfd writes; a [`Daemon`] is a `haconfd run` ended by its PID on drop; a
+//! [`Backend`] is a tiny HTTP server that answers every request with its own name.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{free_port, haconfd_bin, repo, write_atomic};
+
+/// How a workspace's config file is written.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// `[haproxy] mode`.
+    pub mode: &'static str,
+    /// `check` of the template.
+    pub check: bool,
+    /// `mode` of the template's dest.
+    pub file_mode: &'static str,
+    /// `[source] prefixes`.
+    pub prefixes: &'static [&'static str],
+    /// More TOML appended at the end (a table of its own).
+    pub extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            mode: "none",
+            check: true,
+            file_mode: "0644",
+            prefixes: &["/services/", "/routes/"],
+            extra: String::new(),
+        }
+    }
+}
+
+/// A temp dir with a registry file, a template, a config, and where haconfd writes.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    /// The registry file the file source reads.
+    pub registry: PathBuf,
+    /// The template the config names: the repository's default until replaced.
+    pub template: PathBuf,
+    /// Where the rendered haproxy.cfg goes.
+    pub dest: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The frontend's port on 127.0.0.1.
+    pub bind_port: u16,
+}
+
+impl Workspace {
+    /// A workspace whose registry file is `registry.<ext>` (yaml, json or toml).
+    pub fn new(ext: &str) -> Workspace {
+        let dir = tempfile::Builder::new()
+            .prefix("hc-")
+            .tempdir()
+            .expect("create temp dir");
+        let root = dir.path().to_path_buf();
+        Workspace {
+            registry: root.join(format!("registry.{ext}")),
+            template: repo().join("templates/haproxy.cfg.tera"),
+            dest: root.join("out/haproxy.cfg"),
+            config: root.join("haconfd.toml"),
+            bind_port: free_port(),
+            dir,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes the registry file atomically.
+    pub fn write_registry(&self, bytes: impl AsRef<[u8]>) {
+        write_atomic(&self.registry, bytes.as_ref());
+    }
+
+    /// Points the config at a template in the workspace with this text (written atomically).
+    pub fn set_template(&mut self, text: &str) {
+        self.template = self.path("haproxy.cfg.tera");
+        write_atomic(&self.template, text.as_bytes());
+    }
+
+    /// The default template's text.
+    pub fn default_template() -> String {
+        std::fs::read_to_string(repo().join("templates/haproxy.cfg.tera")).expect("read template")
+    }
+
+    /// The master socket path of this workspace.
+    pub fn master_socket(&self) -> PathBuf {
+        self.path("run/master.sock")
+    }
+
+    /// The config text for `opts`.
+    pub fn config_text(&self, opts: &Opts) -> String {
+        let prefixes: Vec<String> = opts.prefixes.iter().map(|p| format!("{p:?}")).collect();
+        format!(
+            r#"[source]
+kind = "file"
+prefixes = [{prefixes}]
+
+[file]
+path = "{registry}"
+
+[[template]]
+name = "haproxy"
+src = "{template}"
+dest = "{dest}"
+mode = "{file_mode}"
+check = {check}
+
+[haproxy]
+mode = "{mode}"
+master_socket = "{run}/master.sock"
+runtime_socket = "{run}/admin.sock"
+state_file = "{run}/server-state"
+spare_slots = 2
+reload_timeout = "20s"
+
+[wait]
+min = "50ms"
+max = "500ms"
+
+[frontend]
+bind = ["127.0.0.1:{port}"]
+
+[admin]
+listen = "127.0.0.1:{admin}"
+{extra}"#,
+            prefixes = prefixes.join(", "),
+            registry = self.registry.display(),
+            template = self.template.display(),
+            dest = self.dest.display(),
+            file_mode = opts.file_mode,
+            check = opts.check,
+            mode = opts.mode,
+            run = self.path("run").display(),
+            port = self.bind_port,
+            admin = free_port(),
+            extra = opts.extra,
+        )
+    }
+
+    /// Writes the config file for `opts`.
+    pub fn write_config(&self, opts: &Opts) {
+        write_atomic(&self.config, self.config_text(opts).as_bytes());
+    }
+
+    /// Runs `haconfd ARGS --config <config>` to completion, with extra environment variables.
+    pub fn haconfd_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(haconfd_bin());
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("HACONFD_CONFIG")
+            .env_remove("HACONFD_LOG")
+            .current_dir(self.dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run haconfd")
+    }
+
+    /// Runs `haconfd ARGS --config <config>` to completion.
+    pub fn haconfd(&self, args: &[&str]) -> Output {
+        self.haconfd_env(args, &[])
+    }
+
+    /// Starts `haconfd run` with its stderr in `<workspace>/haconfd.log`.
+    pub fn spawn_run(&self) -> Daemon {
+        let log = self.path("haconfd.log");
+        let err = File::create(&log).expect("create log file");
+        let child = Command::new(haconfd_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("HACONFD_CONFIG")
+            .env("HACONFD_LOG", "info")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start haconfd run");
+        Daemon { child, log }
+    }
+
+    /// The installed dest, if any, as text.
+    pub fn dest_text(&self) -> Option<String> {
+        std::fs::read(&self.dest)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// The names in the dest's directory, sorted.
+    pub fn dest_dir_names(&self) -> Vec<String> {
+        let dir = self.dest.parent().expect("dest has a parent");
+        let mut names: Vec<String> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .map(|e| {
+                    e.expect("dir entry")
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+}
+
+/// A running `haconfd run`. Dropping it stops it: SIGTERM, then SIGKILL after a bound.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait()
+            && self.terminate(Duration::from_secs(15)).is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends `sig` to one process by PID.
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Sends one command to a HAProxy CLI socket (master or runtime) and returns the answer.
+pub fn cli_command(socket: &Path, cmd: &str) -> Option<String> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("{cmd}\n").as_bytes()).ok()?;
+    // The master CLI answers and closes once it sees the end of input.
+    s.shutdown(Shutdown::Write).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// The master's PID from `show proc` on the master socket.
+pub fn master_pid(socket: &Path) -> Option<u32> {
+    let answer = cli_command(socket, "show proc")?;
+    answer.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"master"))
+            .then(|| f.first()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// A response to a raw HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Sends `GET path` with `Host: host` over HTTP/1.1 to 127.0.0.1:port and reads the response
+/// until the server closes (the request asks for `Connection: close`).
+pub fn http_get(port: u16, host: &str, path: &str) -> Result<Response, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: haconfd-tests\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no complete response: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line: {head:?}"))?;
+    Ok(Response {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// A local HTTP backend on 127.0.0.1 that answers every request with `200` and its name as the
+/// body. Stopped and joined on drop.
+pub struct Backend {
+    pub port: u16,
+    pub name: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        let port = listener.local_addr().expect("local addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let body = name.to_owned();
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(conn) = conn {
+                    answer(conn, &body);
+                }
+            }
+        });
+        Backend {
+            port,
+            name: name.to_owned(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Reads one request head (bounded in size and time) and answers it; a bare connect, such as a
+/// TCP health check, gets nothing.
+fn answer(mut conn: TcpStream, body: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while buf.len() < 16 * 1024 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(resp.as_bytes());
+    }
+    let _ = conn.shutdown(Shutdown::Both);
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag.
+        let _ = TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_secs(1),
+        );
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
