@@ -20,6 +20,12 @@ pub fn register_filters(tera: &mut Tera) {
         |s: &str, _: Kwargs, _: &State| -> TeraResult<Value> {
             let parsed: serde_json::Value = serde_json::from_str(s)
                 .map_err(|e| Error::message(format!("json: the value is not JSON ({e})")))?;
+            // JSON escapes can spell a line break the raw screen never saw.
+            if has_control(&parsed) {
+                return Err(Error::message(
+                    "json: a decoded string holds a control character or line separator",
+                ));
+            }
             Ok(Value::from_serializable(&parsed))
         },
     );
@@ -33,6 +39,20 @@ pub fn register_filters(tera: &mut Tera) {
             Ok(s.split(sep).map(str::to_owned).collect())
         },
     );
+}
+
+/// Whether any string (or key) inside a JSON value holds a control character or line separator.
+fn has_control(v: &serde_json::Value) -> bool {
+    let bad = |s: &str| {
+        s.chars()
+            .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    };
+    match v {
+        serde_json::Value::String(s) => bad(s),
+        serde_json::Value::Array(a) => a.iter().any(has_control),
+        serde_json::Value::Object(m) => m.iter().any(|(k, v)| bad(k) || has_control(v)),
+        _ => false,
+    }
 }
 
 /// Registers the functions over the raw key space of `snapshot`, replacing earlier ones.

@@ -5,6 +5,7 @@
 //! refreshed with the templates on SIGHUP).
 
 pub mod functions;
+pub mod structure;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,6 +33,16 @@ pub enum RenderError {
         name: String,
         path: PathBuf,
         report: String,
+    },
+    #[error(
+        "template {name:?} ({path}): line {line} of the output is `{directive}`, which only the template's own text may write (the template has it {in_template} time(s)); refusing the render"
+    )]
+    Structure {
+        name: String,
+        path: PathBuf,
+        directive: &'static str,
+        line: usize,
+        in_template: usize,
     },
     #[error("template {name:?} ({path}) failed to render:\n{report}")]
     Render {
@@ -63,6 +74,8 @@ struct View<'a> {
 pub struct Templates {
     tera: Tera,
     list: Vec<TemplateConfig>,
+    /// Per template, how often each guarded directive appears in its source.
+    allowed: Vec<BTreeMap<&'static str, usize>>,
     frontend: FrontendConfig,
     haproxy: HaproxyView,
     env: Arc<BTreeMap<String, String>>,
@@ -97,7 +110,9 @@ impl Templates {
             &Arc::new(BTreeMap::new()),
         );
         let mut list = Vec::new();
+        let mut allowed = Vec::new();
         for (t, text) in sources {
+            allowed.push(structure::count(text));
             // The template's file name is its tera name, so errors point at the file.
             tera.add_raw_template(&tera_name(t), text)
                 .map_err(|e| RenderError::Parse {
@@ -111,6 +126,7 @@ impl Templates {
         Ok(Templates {
             tera,
             list,
+            allowed,
             frontend: config.frontend.clone(),
             haproxy: HaproxyView {
                 master_socket: h.master_socket.display().to_string(),
@@ -146,7 +162,7 @@ impl Templates {
             report: report(&e),
         })?;
         let mut out = Vec::with_capacity(self.list.len());
-        for t in &self.list {
+        for (t, allowed) in self.list.iter().zip(&self.allowed) {
             let text = self
                 .tera
                 .render(&tera_name(t), &ctx)
@@ -155,6 +171,13 @@ impl Templates {
                     path: t.src.clone(),
                     report: report(&e),
                 })?;
+            structure::check(allowed, &text).map_err(|v| RenderError::Structure {
+                name: t.name.clone(),
+                path: t.src.clone(),
+                directive: v.directive,
+                line: v.line,
+                in_template: v.in_template,
+            })?;
             out.push(Rendered {
                 template: t.clone(),
                 bytes: text.into_bytes(),
