@@ -175,7 +175,9 @@ fn fixtures_and_snapshots_pair_up() {
             .expect("read dir")
             .filter_map(|e| {
                 let p = e.expect("entry").path();
-                (p.extension()? == ext).then(|| p.file_stem())?.map(|s| s.to_string_lossy().into_owned())
+                (p.extension()? == ext)
+                    .then(|| p.file_stem())?
+                    .map(|s| s.to_string_lossy().into_owned())
             })
             .collect();
         v.sort();
@@ -201,7 +203,12 @@ fn fixtures_hold_loopback_addresses_only() {
                     Ok(ip) => ip.is_loopback(),
                     Err(_) => i.host == "localhost" || i.host == "localhost.",
                 };
-                assert!(ok, "{}: {} is not a loopback address", path.display(), i.addr);
+                assert!(
+                    ok,
+                    "{}: {} is not a loopback address",
+                    path.display(),
+                    i.addr
+                );
             }
         }
     }
