@@ -128,6 +128,17 @@ pub async fn install(
 ) -> Result<Outcome, InstallError> {
     let current = read_installed(&t.dest)?;
     if current.as_deref() == Some(bytes) {
+        // Same bytes, but the config may have asked for another mode or owner since.
+        set_owner(&t.dest, t)?;
+        let mode = fs::metadata(&t.dest)
+            .map_err(io("cannot read the mode of", &t.dest))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode != t.mode {
+            fs::set_permissions(&t.dest, fs::Permissions::from_mode(t.mode))
+                .map_err(io("cannot set the mode of", &t.dest))?;
+        }
         return Ok(Outcome::Unchanged);
     }
     let staged = stage(&t.dest, bytes)?;
