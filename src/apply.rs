@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::guard::Guard;
 use crate::haproxy::install::{self, Check, InstallError, Outcome};
 use crate::haproxy::{ApplyKind, Controller, ReloadError, StateSave};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ pub enum ApplyError {
 pub struct Report {
     pub kind: ApplyKind,
     pub revision: i64,
+    /// Services the guard held at their last applied state.
+    pub held: Vec<String>,
     /// Short hash of the rendered bytes of all templates.
     pub hash: String,
     pub changed: Vec<String>,
@@ -52,16 +55,22 @@ pub fn report_rejections(rejected: &[Rejection], metrics: &Metrics) {
     metrics.set_rejected(rejected.len() as u64);
 }
 
-/// Parses and renders an update: the pure half of an apply.
+/// Parses the registry of an update, reporting every key left out.
+pub fn parse(update: &Update, metrics: &Metrics) -> Registry {
+    let (registry, mut rejected) = Registry::parse(&update.snapshot);
+    rejected.extend(update.rejected.iter().cloned());
+    rejected.sort_by(|a, b| a.key.cmp(&b.key));
+    report_rejections(&rejected, metrics);
+    registry
+}
+
+/// Parses and renders an update, unguarded (`render --print`, `check`).
 pub fn render(
     templates: &mut Templates,
     update: &Update,
     metrics: &Metrics,
 ) -> Result<Vec<Rendered>, RenderError> {
-    let (registry, mut rejected) = Registry::parse(&update.snapshot);
-    rejected.extend(update.rejected.iter().cloned());
-    rejected.sort_by(|a, b| a.key.cmp(&b.key));
-    report_rejections(&rejected, metrics);
+    let registry = parse(update, metrics);
     templates.render_all(&update.snapshot, &registry)
 }
 
@@ -86,16 +95,24 @@ pub struct Applier {
     pub templates: Templates,
     pub controller: Controller,
     pub metrics: Arc<Metrics>,
+    guard: Guard,
+    /// The registry rendered by the last successful apply.
+    last: Option<Registry>,
+    /// When a guard hold expires, if one is active.
+    pub release_at: Option<Instant>,
 }
 
 impl Applier {
     pub fn new(config: Config, templates: Templates, metrics: Arc<Metrics>) -> Applier {
         let controller = Controller::new(&config);
         Applier {
+            guard: Guard::new(config.guard),
             config,
             templates,
             controller,
             metrics,
+            last: None,
+            release_at: None,
         }
     }
 
@@ -109,9 +126,51 @@ impl Applier {
     /// Renders, installs and reloads. On error the files on disk are those of before.
     pub async fn apply(&mut self, update: &Update) -> Result<Report, ApplyError> {
         let started = Instant::now();
-        let rendered = render(&mut self.templates, update, &self.metrics).inspect_err(|_| {
-            self.metrics.render_failures.inc();
-        })?;
+        let wanted = parse(update, &self.metrics);
+        let installed = self
+            .config
+            .haproxy_template()
+            .or(self.config.templates.first())
+            .is_some_and(|t| t.dest.exists());
+        let decision = self
+            .guard
+            .decide(self.last.as_ref(), wanted, installed, started);
+        self.release_at = decision.release_at;
+        let held: Vec<String> = decision.held.iter().map(|h| h.service.clone()).collect();
+        for h in &decision.held {
+            tracing::warn!(
+                service = %h.service,
+                applied = h.applied,
+                wanted = h.wanted,
+                held_for = ?started.duration_since(h.since),
+                "guard: service would lose too many instances; keeping its last applied instances (SIGUSR1 confirms)"
+            );
+        }
+        if !decision.held.is_empty() || decision.held_empty {
+            self.metrics.guard_holds.inc();
+        }
+        if decision.held_empty {
+            tracing::warn!(
+                "guard: the registry is empty; keeping the last good config (SIGUSR1 confirms)"
+            );
+            if self.last.is_none() {
+                // Nothing applied by this process yet: the installed file is the last good one.
+                return Ok(Report {
+                    kind: ApplyKind::None,
+                    revision: update.snapshot.revision,
+                    held,
+                    hash: String::new(),
+                    changed: Vec::new(),
+                    duration: started.elapsed(),
+                });
+            }
+        }
+        let rendered = self
+            .templates
+            .render_all(&update.snapshot, &decision.registry)
+            .inspect_err(|_| {
+                self.metrics.render_failures.inc();
+            })?;
         let hash = hash(&rendered);
         let check = self.check();
         let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
@@ -162,13 +221,21 @@ impl Applier {
             }
         };
         self.metrics.applied(kind, update.snapshot.revision);
+        self.last = Some(decision.registry);
         Ok(Report {
             kind,
             revision: update.snapshot.revision,
+            held,
             hash,
             changed,
             duration: started.elapsed(),
         })
+    }
+
+    /// Releases every guard hold; the next apply takes the source's state as it is.
+    pub fn confirm(&mut self) {
+        self.guard.confirm();
+        self.release_at = None;
     }
 
     /// Reloads the config file and templates (SIGHUP, or a template file changed). A config or

@@ -12,7 +12,7 @@ use crate::apply::{self, Applier};
 use crate::config::{self, Config, ConfigError};
 use crate::haproxy::{Controller, install, validate};
 use crate::metrics::Metrics;
-use crate::reactor::{self, Apply, Event};
+use crate::reactor::{self, Apply, Event, Work};
 use crate::render::{Rendered, Templates};
 use crate::source::{self, Update};
 
@@ -233,9 +233,12 @@ struct Daemon {
 }
 
 impl Apply for Daemon {
-    async fn apply(&mut self, update: Option<Arc<Update>>, reconfigure: bool) {
-        if reconfigure {
+    async fn apply(&mut self, update: Option<Arc<Update>>, work: Work) {
+        if work.reconfigure {
             self.applier.reconfigure(self.config_path.as_deref());
+        }
+        if work.confirm {
+            self.applier.confirm();
         }
         // Nothing is written before the source's first successful read.
         let Some(update) = update else { return };
@@ -243,6 +246,7 @@ impl Apply for Daemon {
         match self.applier.apply(&update).instrument(span).await {
             Ok(r) => tracing::info!(
                 apply.kind = r.kind.as_str(),
+                held = ?r.held,
                 config.hash = %r.hash,
                 changed = ?r.changed,
                 ms = r.duration.as_millis() as u64,
@@ -256,6 +260,10 @@ impl Apply for Daemon {
 
     async fn shutdown(&mut self) {
         self.applier.controller.shutdown().await;
+    }
+
+    fn wakeup(&self) -> Option<tokio::time::Instant> {
+        self.applier.release_at
     }
 }
 
@@ -298,11 +306,13 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Failure::Runtime(e.into()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Failure::Runtime(e.into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Failure::Runtime(e.into()))?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| Failure::Runtime(e.into()))?;
     let etx = tx.clone();
     tokio::spawn(async move {
         loop {
             let ev = tokio::select! {
                 _ = hup.recv() => { tracing::info!("SIGHUP: reloading config and templates"); Event::Reconfigure }
+                _ = usr1.recv() => { tracing::info!("SIGUSR1: confirming what the guard holds"); Event::Confirm }
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Event::Shutdown }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); Event::Shutdown }
             };

@@ -6,7 +6,8 @@
 //! - `source`   — where pairs come from: `file` (notify) today, etcd next
 //! - `render`   — pure: `(Snapshot, Registry) → bytes`, with the confd-equivalent functions
 //! - `haproxy`  — `haproxy -c`, atomic install, master socket, supervised HAProxy, reload command
-//! - `apply`    — one apply: render → install → reload, restoring on failure
+//! - `guard`    — the shrink guard: a collapsing registry cannot empty the load balancer
+//! - `apply`    — one apply: guard → render → install → reload, restoring on failure
 //! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
 //! - `commands` — the subcommands, with exit codes
 //! - `metrics`  — counters the daemon keeps
@@ -15,6 +16,7 @@ pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod guard;
 pub mod haproxy;
 pub mod metrics;
 pub mod model;

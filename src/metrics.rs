@@ -27,6 +27,7 @@ pub struct Metrics {
     pub render_failures: Counter,
     pub check_failures: Counter,
     pub reload_failures: Counter,
+    pub guard_holds: Counter,
     /// Keys left out of the last read.
     rejected_keys: AtomicU64,
     applied_revision: AtomicI64,

@@ -23,18 +23,31 @@ pub enum Event {
     Update(Update),
     /// Reload the config file and templates, then re-render (SIGHUP, or a template changed).
     Reconfigure,
+    /// The operator confirms the state the guard holds back (SIGUSR1).
+    Confirm,
     /// Finish the apply in flight and stop (SIGTERM, SIGINT).
     Shutdown,
 }
 
+/// What an apply must do besides rendering the latest state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    /// Reload the config file and templates first.
+    pub reconfigure: bool,
+    /// Release every guard hold.
+    pub confirm: bool,
+}
+
 /// What the reactor drives. The real one renders and installs; tests use fakes.
 pub trait Apply: Send + 'static {
-    /// Applies `update`, after reloading config and templates when `reconfigure` is set.
-    fn apply(
-        &mut self,
-        update: Option<Arc<Update>>,
-        reconfigure: bool,
-    ) -> impl Future<Output = ()> + Send;
+    /// Applies `update` (None: the source has not been read yet), doing `work` first.
+    fn apply(&mut self, update: Option<Arc<Update>>, work: Work)
+    -> impl Future<Output = ()> + Send;
+    /// When the applier wants to apply again although nothing changed (a guard hold that
+    /// expires).
+    fn wakeup(&self) -> Option<Instant> {
+        None
+    }
     /// Stops what the applier owns (a supervised HAProxy).
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
 }
@@ -46,7 +59,7 @@ struct Pending {
     first: Option<Instant>,
     /// When the latest change arrived (the quiet period runs from here).
     last: Option<Instant>,
-    reconfigure: bool,
+    work: Work,
 }
 
 /// Runs until a `Shutdown` event or the end of the event stream; finishes the apply in flight,
@@ -58,22 +71,27 @@ pub async fn run<A: Apply>(applier: A, mut events: mpsc::Receiver<Event>, wait: 
     let mut idle: Option<A> = Some(applier);
     let mut inflight: Option<JoinHandle<A>> = None;
     let mut shutting_down = false;
+    // An apply the applier asked for at a time of its own.
+    let mut wakeup: Option<Instant> = None;
 
     loop {
         if shutting_down && inflight.is_none() {
             break;
         }
         let deadline = match (pending.first, pending.last) {
-            (Some(first), Some(last)) if inflight.is_none() && !shutting_down => {
-                Some((last + wait.min).min(first + wait.max))
+            _ if inflight.is_some() || shutting_down => None,
+            (Some(first), Some(last)) => {
+                let gathered = (last + wait.min).min(first + wait.max);
+                Some(wakeup.map_or(gathered, |w| w.min(gathered)))
             }
-            _ => None,
+            _ => wakeup,
         };
         tokio::select! {
             ev = events.recv(), if !shutting_down => {
                 match ev {
                     Some(Event::Update(u)) => latest = Some(Arc::new(u)),
-                    Some(Event::Reconfigure) => pending.reconfigure = true,
+                    Some(Event::Reconfigure) => pending.work.reconfigure = true,
+                    Some(Event::Confirm) => pending.work.confirm = true,
                     Some(Event::Shutdown) | None => {
                         shutting_down = true;
                         continue;
@@ -91,7 +109,10 @@ pub async fn run<A: Apply>(applier: A, mut events: mpsc::Receiver<Event>, wait: 
             done = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
                 inflight = None;
                 match done {
-                    Ok(a) => idle = Some(a),
+                    Ok(a) => {
+                        wakeup = a.wakeup();
+                        idle = Some(a);
+                    }
                     Err(e) => {
                         // A panic inside an apply is a bug; the applier died with it.
                         tracing::error!(error = %e, "apply task failed; stopping");
@@ -100,6 +121,7 @@ pub async fn run<A: Apply>(applier: A, mut events: mpsc::Receiver<Event>, wait: 
                 }
             }
             () = async { sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                wakeup = None;
                 inflight = start(&mut idle, &latest, &mut pending);
             }
         }
@@ -117,9 +139,9 @@ fn start<A: Apply>(
 ) -> Option<JoinHandle<A>> {
     let mut a = idle.take()?;
     let update = latest.clone();
-    let reconfigure = std::mem::take(pending).reconfigure;
+    let work = std::mem::take(pending).work;
     Some(tokio::spawn(async move {
-        a.apply(update, reconfigure).await;
+        a.apply(update, work).await;
         a
     }))
 }
@@ -139,10 +161,12 @@ mod tests {
         cost: Duration,
         t0: Instant,
         shut: Arc<Mutex<bool>>,
+        wake: Arc<Mutex<Option<Instant>>>,
     }
 
     impl Apply for Fake {
-        async fn apply(&mut self, update: Option<Arc<Update>>, reconfigure: bool) {
+        async fn apply(&mut self, update: Option<Arc<Update>>, work: Work) {
+            let reconfigure = work.reconfigure;
             let rev = update.map_or(-1, |u| u.snapshot.revision);
             self.log
                 .lock()
@@ -152,6 +176,9 @@ mod tests {
         }
         async fn shutdown(&mut self) {
             *self.shut.lock().expect("lock") = true;
+        }
+        fn wakeup(&self) -> Option<Instant> {
+            *self.wake.lock().expect("lock")
         }
     }
 
@@ -171,6 +198,7 @@ mod tests {
             cost: Duration::from_millis(cost_ms),
             t0: Instant::now(),
             shut: Arc::default(),
+            wake: Arc::default(),
         };
         let (tx, rx) = mpsc::channel(4096);
         (fake, tx, rx)
@@ -292,5 +320,24 @@ mod tests {
             "returned before the apply finished"
         );
         assert!(*shut.lock().expect("lock"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn applier_wakeup_triggers_an_apply_without_a_change() {
+        let (fake, tx, rx) = setup(10);
+        let log = Arc::clone(&fake.log);
+        *fake.wake.lock().expect("lock") = Some(Instant::now() + ms(5000));
+        let wake = Arc::clone(&fake.wake);
+        let task = tokio::spawn(run(fake, rx, WAIT));
+        tx.send(update(1)).await.expect("send");
+        tokio::time::sleep(ms(100)).await;
+        *wake.lock().expect("lock") = None;
+        tokio::time::sleep(ms(6000)).await;
+        tx.send(Event::Shutdown).await.expect("send");
+        task.await.expect("reactor");
+        let log = log.lock().expect("lock").clone();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!(log[1].0, ms(5000));
+        assert_eq!(log[1].1, 1, "the wakeup re-applies the latest state");
     }
 }

@@ -1,0 +1,335 @@
+//! The shrink guard: a collapsing registry cannot empty the load balancer.
+//!
+//! A mass lease expiry, an etcd wipe or a bad deploy of the presence sidecars looks, from here,
+//! like instances going away. The guard compares the registry about to be rendered with the one
+//! applied last. A service that would lose more than `max_drop_percent` of its instances, or a
+//! registry that would go from non-empty to empty, is *held*: its last applied instances are
+//! rendered instead, while every other service keeps changing. A hold is released when the
+//! instances come back, when the new state has persisted unchanged for `confirm_after`, or when
+//! an operator confirms it (SIGUSR1 to `haconfd run`).
+
+use std::collections::BTreeMap;
+
+use tokio::time::Instant;
+
+use crate::config::GuardConfig;
+use crate::model::{Instance, Registry, Service};
+
+/// One held service.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub service: String,
+    /// Instances applied last, and instances the source now has.
+    pub applied: usize,
+    pub wanted: usize,
+    /// Since when the source has wanted exactly this state.
+    pub since: Instant,
+    wanted_ids: Vec<String>,
+}
+
+/// The guard's memory across applies.
+#[derive(Debug)]
+pub struct Guard {
+    config: GuardConfig,
+    holds: BTreeMap<String, Hold>,
+    /// The whole registry is held (it went empty).
+    empty_since: Option<Instant>,
+    /// The operator confirmed: the next decision holds nothing.
+    confirmed: bool,
+}
+
+/// What the guard decided for one apply.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The registry to render: the wanted one with held services replaced by their last state.
+    pub registry: Registry,
+    /// Services held in this decision.
+    pub held: Vec<Hold>,
+    /// The whole registry went empty and is held.
+    pub held_empty: bool,
+    /// When the earliest hold would be released if nothing changes.
+    pub release_at: Option<Instant>,
+}
+
+fn ids(instances: &[Instance]) -> Vec<String> {
+    instances.iter().map(|i| i.id.clone()).collect()
+}
+
+impl Guard {
+    pub fn new(config: GuardConfig) -> Guard {
+        Guard {
+            config,
+            holds: BTreeMap::new(),
+            empty_since: None,
+            confirmed: false,
+        }
+    }
+
+    /// Drops every hold: the operator confirmed the new state.
+    pub fn confirm(&mut self) {
+        if !self.holds.is_empty() || self.empty_since.is_some() {
+            tracing::warn!(
+                services = self.holds.len(),
+                "guard holds confirmed by the operator"
+            );
+        }
+        self.holds.clear();
+        self.empty_since = None;
+        self.confirmed = true;
+    }
+
+    /// Decides what to render. `last` is the registry applied last (None before the first
+    /// apply); `installed` says whether a config file already exists (a restart over an empty
+    /// registry must not wipe it either).
+    pub fn decide(
+        &mut self,
+        last: Option<&Registry>,
+        wanted: Registry,
+        installed: bool,
+        now: Instant,
+    ) -> Decision {
+        let confirm_after = self.config.confirm_after;
+        if std::mem::take(&mut self.confirmed) {
+            return Decision {
+                registry: wanted,
+                held: Vec::new(),
+                held_empty: false,
+                release_at: None,
+            };
+        }
+        // A registry that goes empty: hold all of it.
+        let was_nonempty = last.map_or(installed, |l| l.instance_count() > 0);
+        if wanted.instance_count() == 0 && was_nonempty {
+            let since = *self.empty_since.get_or_insert(now);
+            if now.duration_since(since) < confirm_after {
+                self.holds.clear();
+                let registry = last.cloned().unwrap_or_default();
+                return Decision {
+                    // Before the first apply there is nothing to keep but the installed file:
+                    // an empty `services` with held_empty tells the applier to write nothing.
+                    registry,
+                    held: Vec::new(),
+                    held_empty: true,
+                    release_at: Some(since + confirm_after),
+                };
+            }
+            tracing::warn!("registry empty for the whole confirm_after period: applying it");
+        } else {
+            self.empty_since = None;
+        }
+
+        let Some(last) = last else {
+            self.holds.clear();
+            return Decision {
+                registry: wanted,
+                held: Vec::new(),
+                held_empty: false,
+                release_at: None,
+            };
+        };
+        let last_by_name: BTreeMap<&str, &Service> =
+            last.services.iter().map(|s| (s.name.as_str(), s)).collect();
+        let wanted_by_name: BTreeMap<&str, &Service> = wanted
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+
+        let mut holds = BTreeMap::new();
+        for (name, old) in &last_by_name {
+            let applied = old.instances.len();
+            if applied == 0 {
+                continue;
+            }
+            let new_instances = wanted_by_name
+                .get(name)
+                .map_or(&[][..], |s| &s.instances[..]);
+            let wanted_n = new_instances.len();
+            let dropped = applied.saturating_sub(wanted_n);
+            if dropped * 100 <= self.config.max_drop_percent as usize * applied {
+                continue;
+            }
+            let wanted_ids = ids(new_instances);
+            let since = match self.holds.remove(*name) {
+                Some(h) if h.wanted_ids == wanted_ids => h.since,
+                _ => now,
+            };
+            if now.duration_since(since) >= confirm_after {
+                tracing::warn!(service = %name, applied, wanted = wanted_n, "held shrink persisted for confirm_after: applying it");
+                continue;
+            }
+            holds.insert(
+                name.to_string(),
+                Hold {
+                    service: name.to_string(),
+                    applied,
+                    wanted: wanted_n,
+                    since,
+                    wanted_ids,
+                },
+            );
+        }
+        self.holds = holds;
+
+        // Render the wanted registry with held services replaced by their applied state.
+        let mut services: BTreeMap<String, Service> = wanted
+            .services
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        for name in self.holds.keys() {
+            if let Some(old) = last_by_name.get(name.as_str()) {
+                let kept = services
+                    .entry(name.clone())
+                    .or_insert_with(|| (*old).clone());
+                kept.instances = old.instances.clone();
+            }
+        }
+        let held: Vec<Hold> = self.holds.values().cloned().collect();
+        let release_at = held.iter().map(|h| h.since + confirm_after).min();
+        Decision {
+            registry: Registry {
+                services: services.into_values().collect(),
+            },
+            held,
+            held_empty: false,
+            release_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::State;
+    use std::time::Duration;
+
+    fn service(name: &str, n: usize) -> Service {
+        Service {
+            name: name.into(),
+            backend: format!("be_{name}"),
+            route: None,
+            instances: (0..n)
+                .map(|i| Instance {
+                    id: format!("i{i}"),
+                    name: format!("i{i}"),
+                    host: "127.0.0.1".into(),
+                    port: 8000 + i as u16,
+                    addr: format!("127.0.0.1:{}", 8000 + i),
+                    weight: 100,
+                    state: State::Ready,
+                    meta: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
+    fn reg(services: &[(&str, usize)]) -> Registry {
+        Registry {
+            services: services.iter().map(|(n, c)| service(n, *c)).collect(),
+        }
+    }
+
+    fn guard() -> Guard {
+        Guard::new(GuardConfig {
+            max_drop_percent: 50,
+            confirm_after: Duration::from_secs(600),
+        })
+    }
+
+    fn count(r: &Registry, name: &str) -> usize {
+        r.services
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(0, |s| s.instances.len())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn small_drop_applies_large_drop_is_held() {
+        let mut g = guard();
+        let last = reg(&[("web", 4), ("api", 4)]);
+        let d = g.decide(
+            Some(&last),
+            reg(&[("web", 3), ("api", 4)]),
+            true,
+            Instant::now(),
+        );
+        assert!(d.held.is_empty());
+        assert_eq!(count(&d.registry, "web"), 3);
+
+        let d = g.decide(
+            Some(&last),
+            reg(&[("web", 1), ("api", 5)]),
+            true,
+            Instant::now(),
+        );
+        assert_eq!(d.held.len(), 1);
+        assert_eq!(
+            count(&d.registry, "web"),
+            4,
+            "web keeps its applied instances"
+        );
+        assert_eq!(
+            count(&d.registry, "api"),
+            5,
+            "api keeps changing while web is held"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hold_is_released_after_confirm_after_of_the_same_state() {
+        let mut g = guard();
+        let last = reg(&[("web", 4)]);
+        let t0 = Instant::now();
+        let d = g.decide(Some(&last), reg(&[("web", 1)]), true, t0);
+        assert_eq!(d.release_at, Some(t0 + Duration::from_secs(600)));
+        let d = g.decide(
+            Some(&last),
+            reg(&[("web", 1)]),
+            true,
+            t0 + Duration::from_secs(599),
+        );
+        assert_eq!(d.held.len(), 1);
+        let d = g.decide(
+            Some(&last),
+            reg(&[("web", 1)]),
+            true,
+            t0 + Duration::from_secs(600),
+        );
+        assert!(d.held.is_empty());
+        assert_eq!(count(&d.registry, "web"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changing_target_restarts_the_clock_and_confirm_releases() {
+        let mut g = guard();
+        let last = reg(&[("web", 4), ("api", 1)]);
+        let t0 = Instant::now();
+        g.decide(Some(&last), reg(&[("web", 1), ("api", 1)]), true, t0);
+        let later = t0 + Duration::from_secs(300);
+        let d = g.decide(Some(&last), reg(&[("web", 0), ("api", 1)]), true, later);
+        assert_eq!(d.held[0].since, later);
+        g.confirm();
+        // The decision right after a confirmation takes the wanted state as it is.
+        let d = g.decide(Some(&last), reg(&[("web", 0), ("api", 1)]), true, later);
+        assert!(d.held.is_empty());
+        assert_eq!(count(&d.registry, "web"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_registry_after_nonempty_is_held_whole() {
+        let mut g = guard();
+        let last = reg(&[("web", 1), ("api", 2)]);
+        let d = g.decide(Some(&last), Registry::default(), true, Instant::now());
+        assert!(d.held_empty);
+        assert_eq!(d.registry.instance_count(), 3);
+        // At start-up over an installed file, an empty first read is held too.
+        let mut g = guard();
+        let d = g.decide(None, Registry::default(), true, Instant::now());
+        assert!(d.held_empty);
+        // With nothing installed, an empty registry is simply empty.
+        let mut g = guard();
+        let d = g.decide(None, Registry::default(), false, Instant::now());
+        assert!(!d.held_empty);
+    }
+}
