@@ -92,6 +92,15 @@ impl Workspace {
         write_atomic(&self.template, text.as_bytes());
     }
 
+    /// Rewrites the workspace's own template (after [`Workspace::set_template`]) atomically.
+    pub fn write_template(&self, text: &str) {
+        assert!(
+            self.template.starts_with(self.dir.path()),
+            "call set_template first: the repository's template is never written"
+        );
+        write_atomic(&self.template, text.as_bytes());
+    }
+
     /// The default template's text.
     pub fn default_template() -> String {
         std::fs::read_to_string(repo().join("templates/haproxy.cfg.tera")).expect("read template")
@@ -414,6 +423,20 @@ impl Drop for Backend {
         );
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Ends a process the test caused (a HAProxy master started by haconfd) by its PID on drop, in
+/// case the test fails before haconfd stopped it.
+pub struct PidGuard(pub Option<u32>);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0
+            && pid_alive(pid)
+        {
+            signal(pid, nix::sys::signal::Signal::SIGTERM);
         }
     }
 }
