@@ -1,1 +1,442 @@
-//! A real etcd for tests: private data dir, free loopback ports, killed by PID on drop.
+//! A real etcd for tests: private data dir (on /dev/shm when there is one), free loopback
+//! ports, killed by PID on drop. It can be killed and restarted on the same data dir and ports,
+//! frozen (SIGSTOP) and thawed (SIGCONT). Keys are written and read through the etcd-client
+//! crate on a small runtime owned by the guard.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Certificate, Client, CompactionOptions, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    Permission, TlsOptions,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::free_port;
+
+/// How long etcd may take to answer /health after a start.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Files for an etcd that serves clients over TLS and requires client certificates.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Generates a CA, a server certificate for 127.0.0.1 and a client certificate with the
+    /// openssl CLI, in `dir`.
+    pub fn generate(dir: &Path) -> TlsFiles {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=haconfd-test-ca",
+        ]);
+        run(&args);
+        for (name, cn, ext) in [
+            (
+                "server",
+                "127.0.0.1",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+            ),
+            (
+                "client",
+                "haconfd",
+                "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+            ),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).expect("write ext");
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let crt = format!("{name}.crt");
+            let ext = format!("{name}.ext");
+            let subj = format!("/CN={cn}");
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            run(&args);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ]);
+        }
+        TlsFiles {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+        }
+    }
+}
+
+/// Options for [`Etcd::with`].
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    pub tls: Option<TlsFiles>,
+    /// More command-line arguments, like `--auth-token-ttl=2`.
+    pub extra_args: Vec<String>,
+}
+
+/// A real etcd process. Killed by PID when dropped.
+pub struct Etcd {
+    child: Option<Child>,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub metrics_port: u16,
+    dir: tempfile::TempDir,
+    options: EtcdOptions,
+    /// Credentials for the helper calls once auth is on.
+    auth: Option<(String, String)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Etcd {
+    /// Starts a plain etcd and waits until it is healthy.
+    pub fn start() -> Etcd {
+        let mut e = Etcd::with(EtcdOptions::default());
+        e.launch();
+        e
+    }
+
+    /// Prepares an etcd (ports, data dir) without starting it: call [`Etcd::launch`].
+    pub fn with(options: EtcdOptions) -> Etcd {
+        let dir = match Path::new("/dev/shm").is_dir() {
+            true => tempfile::Builder::new()
+                .prefix("haconfd-etcd-")
+                .tempdir_in("/dev/shm"),
+            false => tempfile::Builder::new().prefix("haconfd-etcd-").tempdir(),
+        }
+        .expect("etcd temp dir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Etcd {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            metrics_port: free_port(),
+            dir,
+            options,
+            auth: None,
+            rt,
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the process (first start or restart on the same data dir and ports) and waits
+    /// for /health.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "etcd is already running");
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", self.metrics_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("etcd log");
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--listen-metrics-urls", &metrics])
+            .args(&self.options.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log clone"))
+            .stderr(log);
+        if let Some(t) = &self.options.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        self.child = Some(cmd.spawn().expect("start etcd (is it installed?)"));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.healthy() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("etcd exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd not healthy after {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET /health on the metrics listener answers {"health":"true"}.
+    pub fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    pub fn pid(&self) -> Option<Pid> {
+        self.child.as_ref().map(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    /// SIGKILL and reap.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = Pid::from_raw(c.id() as i32);
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill, then start again on the same data dir and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            kill(pid, Signal::SIGSTOP).expect("SIGSTOP etcd");
+        }
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            kill(pid, Signal::SIGCONT).expect("SIGCONT etcd");
+        }
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        let mut o = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+        o = o.with_timeout(Duration::from_secs(10));
+        if let Some(t) = &self.options.tls {
+            let read = |p: &Path| std::fs::read(p).expect("read pem");
+            o = o.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(read(&t.ca)))
+                    .identity(Identity::from_pem(
+                        read(&t.client_cert),
+                        read(&t.client_key),
+                    )),
+            );
+        }
+        if let Some((u, p)) = &self.auth {
+            o = o.with_user(u.clone(), p.clone());
+        }
+        o
+    }
+
+    /// Runs `f` with a fresh client, on the guard's runtime.
+    pub fn with_client<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T, etcd_client::Error>,
+    ) -> T {
+        let endpoint = self.endpoint();
+        let options = self.connect_options();
+        self.rt.block_on(async move {
+            let mut c = Client::connect([endpoint], Some(options))
+                .await
+                .expect("connect to the test etcd");
+            f(&mut c).await.expect("etcd call")
+        })
+    }
+
+    /// Puts one key; returns the revision.
+    pub fn put(&self, key: &str, value: &str) -> i64 {
+        self.with_client(async |c| {
+            let r = c.put(key, value, None).await?;
+            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        })
+    }
+
+    /// Puts many keys with one client, one after another.
+    pub fn put_many(&self, pairs: &[(String, String)]) {
+        self.with_client(async |c| {
+            for (k, v) in pairs {
+                c.put(k.as_str(), v.as_str(), None).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes one key; returns how many keys were deleted.
+    pub fn delete(&self, key: &str) -> i64 {
+        self.with_client(async |c| Ok(c.delete(key, None).await?.deleted()))
+    }
+
+    /// Deletes many keys with one client.
+    pub fn delete_many(&self, keys: &[String]) {
+        self.with_client(async |c| {
+            for k in keys {
+                c.delete(k.as_str(), None).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes every key under `prefix`.
+    pub fn delete_prefix(&self, prefix: &str) -> i64 {
+        self.with_client(async |c| {
+            Ok(c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                .await?
+                .deleted())
+        })
+    }
+
+    /// Every key under `prefix`, as text.
+    pub fn get_prefix(&self, prefix: &str) -> BTreeMap<String, String> {
+        self.with_client(async |c| {
+            let r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+            Ok(r.kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect())
+        })
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> i64 {
+        self.with_client(async |c| {
+            let r = c
+                .get("/", Some(GetOptions::new().with_count_only()))
+                .await?;
+            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        })
+    }
+
+    /// Compacts the history up to `revision` (physically, so it is done when this returns).
+    pub fn compact(&self, revision: i64) {
+        self.with_client(async |c| {
+            c.compact(revision, Some(CompactionOptions::new().with_physical()))
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Creates `root` (password `root_password`) and a user `user` with a role that may only
+    /// read keys under `read_prefixes`, then enables auth. Helper calls use root from then on.
+    pub fn enable_auth(
+        &mut self,
+        root_password: &str,
+        user: &str,
+        password: &str,
+        read_prefixes: &[&str],
+    ) {
+        self.with_client(async |c| {
+            c.user_add("root", root_password, None).await?;
+            c.user_grant_role("root", "root").await?;
+            c.role_add("reader").await?;
+            for p in read_prefixes {
+                c.role_grant_permission("reader", Permission::read(*p).with_prefix())
+                    .await?;
+            }
+            c.user_add(user, password, None).await?;
+            c.user_grant_role(user, "reader").await?;
+            c.auth_enable().await?;
+            Ok(())
+        });
+        self.auth = Some(("root".into(), root_password.into()));
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
