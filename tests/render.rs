@@ -93,6 +93,10 @@ fn haproxy_check(name: &str, text: &str) {
     }
 }
 
+fn updating() -> bool {
+    std::env::var_os("UPDATE_SNAPSHOTS").is_some_and(|v| v == "1")
+}
+
 fn snapshot_path(name: &str) -> PathBuf {
     common::repo().join(format!("tests/snapshots/{name}.cfg"))
 }
@@ -103,7 +107,7 @@ fn check(name: &str) {
     let fixture = common::repo().join(format!("tests/fixtures/{name}.yaml"));
     let actual = render_file(&fixture);
     let snap = snapshot_path(name);
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some_and(|v| v == "1") {
+    if updating() {
         std::fs::write(&snap, &actual).expect("write snapshot");
     } else {
         let expected = std::fs::read_to_string(&snap).unwrap_or_else(|e| {
@@ -170,6 +174,9 @@ fn names_with_every_allowed_character() {
 /// Every fixture has a snapshot and every snapshot a fixture, so neither is silently skipped.
 #[test]
 fn fixtures_and_snapshots_pair_up() {
+    if updating() {
+        return; // The snapshots are being written concurrently.
+    }
     let stems = |dir: &str, ext: &str| {
         let mut v: Vec<String> = std::fs::read_dir(common::repo().join(dir))
             .expect("read dir")
@@ -212,4 +219,11 @@ fn fixtures_hold_loopback_addresses_only() {
             }
         }
     }
+}
+
+/// Regression: 64 hosts or paths on one acl line exceeded HAProxy's 64 words per line, so one
+/// route the model accepts failed `haproxy -c` for the whole config.
+#[test]
+fn route_at_the_limits() {
+    check("route_limits");
 }
