@@ -3,6 +3,7 @@
 
 pub mod install;
 pub mod master;
+pub mod runtime;
 pub mod supervise;
 pub mod validate;
 
