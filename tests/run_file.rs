@@ -73,8 +73,11 @@ fn run_follows_registry_and_template_and_keeps_the_last_good_config() {
         "the last good registry was not kept:\n{text}"
     );
 
-    // A fixed registry is picked up again.
-    ws.write_registry(registry(&[("w3", "127.0.0.1:8083".into())]));
+    // A fixed registry is picked up again (as many instances as before: no shrink to guard).
+    ws.write_registry(registry(&[
+        ("w3", "127.0.0.1:8083".into()),
+        ("w4", "127.0.0.1:8084".into()),
+    ]));
     let text = wait_for(
         SETTLE,
         "the fixed registry",
