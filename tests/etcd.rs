@@ -404,6 +404,67 @@ fn compaction_while_the_watcher_is_behind_rereads_and_never_empties_dest() {
 }
 
 #[test]
+fn etcd_restored_from_a_backup_is_read_again() {
+    // A restore takes etcd's revision back: haconfd notices on reconnect and reads everything
+    // (resync is 5 m here, so only that can make it converge).
+    let mut etcd = Etcd::start();
+    seed(&etcd, 2, 3);
+    let snapshot = etcd.log_path().with_file_name("snap.db");
+    etcd.snapshot_save(&snapshot);
+    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    d.converge(&expected(&etcd), "first read");
+    d.wait_log("etcd watch running", CONVERGE);
+    etcd.put("/services/base0/x1", &addr(50));
+    etcd.put("/services/base1/x1", &addr(51));
+    d.converge(&expected(&etcd), "puts before the restore");
+
+    etcd.restore_snapshot(&snapshot);
+    etcd.put("/services/base0/after", &addr(60));
+    let want = expected(&etcd);
+    assert!(
+        !want.iter().any(|l| l.contains("/x1 ")),
+        "the restore kept later keys"
+    );
+    d.converge(&want, "after the restore");
+    d.wait_log("etcd's revision went back", CONVERGE);
+}
+
+#[test]
+fn the_periodic_full_read_corrects_drift() {
+    // A restore from a backup while haconfd is frozen, then more writes than were lost: when
+    // haconfd wakes, etcd's revision is past the one it had seen, so it resumes its watch
+    // there and misses the writes made at the revisions it believes it has seen. Only the
+    // periodic full read (every 2 s here) finds them.
+    let mut etcd = Etcd::start();
+    seed(&etcd, 2, 3);
+    let snapshot = etcd.log_path().with_file_name("snap.db");
+    etcd.snapshot_save(&snapshot);
+    let d = Daemon::start(&etcd.endpoint(), "", "2s");
+    d.converge(&expected(&etcd), "first read");
+    d.wait_log("etcd watch running", CONVERGE);
+    for i in 0..3 {
+        etcd.put(&format!("/services/base0/x{i}"), &addr(50 + i));
+    }
+    d.converge(&expected(&etcd), "puts before the restore");
+
+    kill(d.pid(), Signal::SIGSTOP).expect("SIGSTOP haconfd");
+    etcd.restore_snapshot(&snapshot);
+    for i in 0..6 {
+        etcd.put(&format!("/services/base1/y{i}"), &addr(70 + i));
+    }
+    kill(d.pid(), Signal::SIGCONT).expect("SIGCONT haconfd");
+    let want = expected(&etcd);
+    assert!(
+        !want.iter().any(|l| l.contains("/x1 ")),
+        "the restore kept later keys"
+    );
+    d.converge(&want, "drift corrected");
+    let log = d.log();
+    assert!(log.contains("had drifted from etcd"), "{log}");
+    assert!(!log.contains("revision went back"), "{log}");
+}
+
+#[test]
 fn etcd_down_at_start_leaves_dest_untouched_until_it_appears() {
     let mut etcd = Etcd::with(EtcdOptions::default());
     let d = Daemon::start(&etcd.endpoint(), "", "5m");

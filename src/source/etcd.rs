@@ -249,8 +249,9 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Failure> {
     Ok(options)
 }
 
-/// Connects and proves the connection with `status()`.
-async fn connect(config: &EtcdConfig) -> Result<Client, Failure> {
+/// Connects and proves the connection with `status()`. Returns the client and etcd's current
+/// revision.
+async fn connect(config: &EtcdConfig) -> Result<(Client, i64), Failure> {
     let options = connect_options(config)?;
     let user = config.username.as_deref();
     // With credentials, connect authenticates: that is a call that can hang.
@@ -260,11 +261,12 @@ async fn connect(config: &EtcdConfig) -> Result<Client, Failure> {
             .await
             .map_err(|_| Failure::timeout("connect", deadline))?
             .map_err(|e| Failure::from_etcd("connect", &e, user))?;
-    tokio::time::timeout(deadline, client.status())
+    let status = tokio::time::timeout(deadline, client.status())
         .await
         .map_err(|_| Failure::timeout("status", deadline))?
         .map_err(|e| Failure::from_etcd("status", &e, user))?;
-    Ok(client)
+    let revision = status.header().map(|h| h.revision()).unwrap_or(0);
+    Ok((client, revision))
 }
 
 /// One key as read: value and the revision that last modified it.
@@ -339,7 +341,7 @@ pub async fn read_once(
     config: &EtcdConfig,
     prefixes: &[String],
 ) -> Result<(i64, Vec<(Vec<u8>, Vec<u8>)>), SourceError> {
-    let client = connect(config)
+    let (client, _) = connect(config)
         .await
         .map_err(|f| SourceError::Etcd(format!("{} ({})", f, config.endpoints.join(", "))))?;
     let (revision, state) = read_all(&client, prefixes, config.username.as_deref())
@@ -376,6 +378,7 @@ pub fn spawn_watch(config: &Config, tx: mpsc::Sender<Update>) -> JoinHandle<()> 
         backoff: Backoff::new(),
         down_since: None,
         failures: 0,
+        watch_announced: false,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -391,6 +394,7 @@ enum ReadReason {
     Initial,
     Compacted,
     Resync,
+    Rewound,
 }
 
 /// How a watch session ended.
@@ -420,6 +424,9 @@ struct Watcher {
     /// Since when etcd has been failing, and how many attempts failed since.
     down_since: Option<Instant>,
     failures: u32,
+    /// "etcd watch running" was logged at info since the last failure (a watch restarted by
+    /// the periodic re-read is only logged at debug).
+    watch_announced: bool,
 }
 
 impl Watcher {
@@ -435,11 +442,25 @@ impl Watcher {
             let c = match client.take() {
                 Some(c) => c,
                 None => match connect(&self.config).await {
-                    Ok(c) => c,
+                    Ok((c, current)) if self.have_state && current < self.revision => {
+                        // Revisions never go back, unless etcd was restored from a backup: a
+                        // watch resumed at our revision would miss every change until etcd's
+                        // revision caught up with it.
+                        tracing::warn!(
+                            etcd.revision = current,
+                            seen = self.revision,
+                            "etcd's revision went back (restored from a backup?); reading everything again"
+                        );
+                        self.revision = current;
+                        pending = Some(ReadReason::Rewound);
+                        c
+                    }
+                    Ok((c, _)) => c,
                     Err(f) => {
                         let what = match f.kind {
                             Kind::Auth => "etcd refused the connection",
-                            _ => "etcd unreachable",
+                            Kind::Other => "cannot connect to etcd",
+                            Kind::Unavailable | Kind::Compacted => "etcd unreachable",
                         };
                         self.failed(f, what).await;
                         continue;
@@ -491,6 +512,7 @@ impl Watcher {
 
     /// Logs a failure with how long etcd has been failing, then waits the backoff.
     async fn failed(&mut self, f: Failure, what: &str) {
+        self.watch_announced = false;
         let since = *self.down_since.get_or_insert_with(Instant::now);
         self.failures += 1;
         let floor = if f.kind == Kind::Auth {
@@ -675,7 +697,12 @@ impl Watcher {
             ids.push(resp.watch_id());
             if ids.len() == self.prefixes.len() {
                 self.recovered();
-                tracing::info!(from = ?self.next_revision, "etcd watch running");
+                if self.watch_announced {
+                    tracing::debug!(from = ?self.next_revision, "etcd watch running");
+                } else {
+                    tracing::info!(from = ?self.next_revision, "etcd watch running");
+                    self.watch_announced = true;
+                }
             }
         }
         let index = ids.iter().position(|id| *id == resp.watch_id());
@@ -691,7 +718,16 @@ impl Watcher {
                 "" => "no reason given",
                 r => r,
             };
-            let f = if reason.contains("permission denied") || reason.contains("auth") {
+            let f = if reason.contains("invalid auth token") {
+                // etcd answers a watch created with an expired token in-band (etcd-client only
+                // renews tokens for calls that fail): a new connection authenticates again.
+                Failure::new(
+                    Kind::Unavailable,
+                    format!(
+                        "etcd canceled the watch of prefix {prefix:?}: {reason} (the token expired; reconnecting authenticates again)"
+                    ),
+                )
+            } else if reason.contains("permission denied") || reason.contains("auth") {
                 let who = self.user().unwrap_or("(none)");
                 Failure::new(
                     Kind::Auth,

@@ -277,6 +277,48 @@ impl Etcd {
         }
     }
 
+    /// Saves a snapshot of the data with etcdctl.
+    pub fn snapshot_save(&self, path: &Path) {
+        assert!(self.options.tls.is_none(), "snapshot_save: plain etcd only");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint(), "snapshot", "save"])
+            .arg(path)
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl snapshot save: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Kills etcd, replaces its data with a snapshot (as a disaster recovery would: the
+    /// revision goes back to the snapshot's) and starts it again on the same ports.
+    pub fn restore_snapshot(&mut self, path: &Path) {
+        self.stop();
+        let data = self.dir.path().join("data");
+        std::fs::remove_dir_all(&data).expect("remove data dir");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("snapshot")
+            .arg("restore")
+            .arg(path)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--name", "t", "--initial-cluster", &format!("t={peer}")])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl snapshot restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.launch();
+    }
+
     /// Kill, then start again on the same data dir and ports.
     pub fn restart(&mut self) {
         self.stop();
