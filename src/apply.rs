@@ -14,10 +14,11 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::guard::Guard;
 use crate::haproxy::install::{self, Check, InstallError, Outcome};
-use crate::haproxy::{ApplyKind, Controller, ReloadError, StateSave};
+use crate::haproxy::{ApplyKind, Controller, ReloadError, StateSave, runtime};
 use crate::metrics::Metrics;
 use crate::model::{Registry, Rejection};
 use crate::render::{RenderError, Rendered, Templates};
+use crate::slots::Slots;
 use crate::source::Update;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub struct Report {
     pub duration: Duration,
 }
 
+/// How long one Runtime API exchange may take.
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Logs rejected keys, by key only, and counts them.
 pub fn report_rejections(rejected: &[Rejection], metrics: &Metrics) {
     for r in rejected {
@@ -64,13 +68,15 @@ pub fn parse(update: &Update, metrics: &Metrics) -> Registry {
     registry
 }
 
-/// Parses and renders an update, unguarded (`render --print`, `check`).
+/// Parses and renders an update, unguarded, with fresh server slots (`render --print`,
+/// `check`).
 pub fn render(
     templates: &mut Templates,
     update: &Update,
     metrics: &Metrics,
 ) -> Result<Vec<Rendered>, RenderError> {
-    let registry = parse(update, metrics);
+    let mut registry = parse(update, metrics);
+    Slots::default().assign(&mut registry, templates.spare_slots(), true);
     templates.render_all(&update.snapshot, &registry)
 }
 
@@ -96,6 +102,7 @@ pub struct Applier {
     pub controller: Controller,
     pub metrics: Arc<Metrics>,
     guard: Guard,
+    slots: Slots,
     /// The registry rendered by the last successful apply.
     last: Option<Registry>,
     /// When a guard hold expires, if one is active.
@@ -107,6 +114,7 @@ impl Applier {
         let controller = Controller::new(&config);
         Applier {
             guard: Guard::new(config.guard),
+            slots: Slots::default(),
             config,
             templates,
             controller,
@@ -165,12 +173,24 @@ impl Applier {
                 });
             }
         }
-        let rendered = self
-            .templates
-            .render_all(&update.snapshot, &decision.registry)
-            .inspect_err(|_| {
-                self.metrics.render_failures.inc();
-            })?;
+        let mut registry = decision.registry;
+        let spare = self.config.haproxy.spare_slots as usize;
+        // Try the Runtime API first: keep the slot layout. When the change turns out to need a
+        // reload anyway, regrow the spare slots and render again.
+        let runtime = self.config.haproxy.runtime_updates && self.controller.is_running();
+        self.slots.assign(&mut registry, spare, !runtime);
+        let mut rendered = self.render_registry(update, &registry)?;
+        let mut runtime_cmds = None;
+        if runtime {
+            match self.runtime_plan(&rendered) {
+                Ok(cmds) => runtime_cmds = Some(cmds),
+                Err(why) => {
+                    tracing::debug!(reason = %why, "not a server-only change: reload");
+                    self.slots.assign(&mut registry, spare, true);
+                    rendered = self.render_registry(update, &registry)?;
+                }
+            }
+        }
         let hash = hash(&rendered);
         let check = self.check();
         let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
@@ -206,22 +226,21 @@ impl Applier {
             .collect();
         let kind = if installed.is_empty() && !self.controller.needs_start() {
             ApplyKind::None
-        } else {
-            let state = StateSave {
-                runtime_socket: self.config.haproxy.runtime_socket.clone(),
-                state_file: self.config.haproxy.state_file.clone(),
-            };
-            match self.controller.reload(Some(&state)).await {
-                Ok(kind) => kind,
+        } else if let Some(cmds) = runtime_cmds.as_ref().filter(|_| !installed.is_empty()) {
+            match runtime::apply(&self.config.haproxy.runtime_socket, cmds, RUNTIME_TIMEOUT).await {
+                Ok(()) => ApplyKind::Runtime,
                 Err(e) => {
-                    self.metrics.reload_failures.inc();
-                    restore(&rendered, &installed);
-                    return Err(e.into());
+                    // The new file is installed and proven: a reload makes HAProxy match it.
+                    self.metrics.runtime_failures.inc();
+                    tracing::warn!(error = %e, "Runtime API refused a change; reloading instead");
+                    self.reload(&rendered, &installed).await?
                 }
             }
+        } else {
+            self.reload(&rendered, &installed).await?
         };
         self.metrics.applied(kind, update.snapshot.revision);
-        self.last = Some(decision.registry);
+        self.last = Some(registry);
         Ok(Report {
             kind,
             revision: update.snapshot.revision,
@@ -230,6 +249,60 @@ impl Applier {
             changed,
             duration: started.elapsed(),
         })
+    }
+
+    fn render_registry(
+        &mut self,
+        update: &Update,
+        registry: &Registry,
+    ) -> Result<Vec<Rendered>, ApplyError> {
+        self.templates
+            .render_all(&update.snapshot, registry)
+            .inspect_err(|_| self.metrics.render_failures.inc())
+            .map_err(ApplyError::from)
+    }
+
+    /// The Runtime API commands that turn the running config into `rendered`, or why a reload
+    /// is needed. Only the file HAProxy loads may change.
+    fn runtime_plan(&self, rendered: &[Rendered]) -> Result<Vec<runtime::Cmd>, String> {
+        let main = self
+            .config
+            .haproxy_template()
+            .ok_or("no haproxy template")?;
+        let mut plan = None;
+        for r in rendered {
+            let installed = install::read_installed(&r.template.dest)
+                .map_err(|e| e.to_string())?
+                .ok_or("nothing installed yet")?;
+            if r.template.dest == main.dest {
+                let old = String::from_utf8_lossy(&installed);
+                let new = String::from_utf8_lossy(&r.bytes);
+                plan = Some(runtime::plan(&old, &new).map_err(|e| e.0)?);
+            } else if installed != r.bytes {
+                return Err(format!("template {:?} changed too", r.template.name));
+            }
+        }
+        plan.ok_or_else(|| "the haproxy template was not rendered".into())
+    }
+
+    /// Reloads HAProxy; on failure restores the files of this apply.
+    async fn reload(
+        &mut self,
+        rendered: &[Rendered],
+        installed: &[(usize, Option<Vec<u8>>)],
+    ) -> Result<ApplyKind, ApplyError> {
+        let state = StateSave {
+            runtime_socket: self.config.haproxy.runtime_socket.clone(),
+            state_file: self.config.haproxy.state_file.clone(),
+        };
+        match self.controller.reload(Some(&state)).await {
+            Ok(kind) => Ok(kind),
+            Err(e) => {
+                self.metrics.reload_failures.inc();
+                restore(rendered, installed);
+                Err(e.into())
+            }
+        }
     }
 
     /// Releases every guard hold; the next apply takes the source's state as it is.

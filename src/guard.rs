@@ -221,6 +221,7 @@ mod tests {
                     meta: Default::default(),
                 })
                 .collect(),
+            slots: Vec::new(),
         }
     }
 

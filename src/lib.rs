@@ -4,6 +4,7 @@
 //! - `config`   — the TOML config file → validated `Config`; errors name key, value and fix
 //! - `model`    — raw pairs → screened `Snapshot` → typed `Registry`
 //! - `source`   — where pairs come from: `file` (notify) today, etcd next
+//! - `slots`    — which server line each instance occupies, stable across applies
 //! - `render`   — pure: `(Snapshot, Registry) → bytes`, with the confd-equivalent functions
 //! - `haproxy`  — `haproxy -c`, atomic install, master socket, supervised HAProxy, reload command
 //! - `guard`    — the shrink guard: a collapsing registry cannot empty the load balancer
@@ -22,4 +23,5 @@ pub mod metrics;
 pub mod model;
 pub mod reactor;
 pub mod render;
+pub mod slots;
 pub mod source;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub applies_written: Counter,
     pub applies_start: Counter,
     pub applies_reload: Counter,
+    pub applies_runtime: Counter,
+    pub runtime_failures: Counter,
     pub render_failures: Counter,
     pub check_failures: Counter,
     pub reload_failures: Counter,
@@ -40,6 +42,7 @@ impl Metrics {
             ApplyKind::Written => self.applies_written.inc(),
             ApplyKind::Start => self.applies_start.inc(),
             ApplyKind::Reload => self.applies_reload.inc(),
+            ApplyKind::Runtime => self.applies_runtime.inc(),
         }
         self.applied_revision.store(revision, Ordering::Relaxed);
     }

@@ -297,6 +297,18 @@ pub struct Service {
     pub backend: String,
     pub route: Option<Route>,
     pub instances: Vec<Instance>,
+    /// The backend's server slots in file order, filled by `slots::Slots::assign`: each holds
+    /// an instance (an index into `instances`) or is free. Empty until assigned.
+    pub slots: Vec<Slot>,
+}
+
+/// One server line of a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Slot {
+    /// The HAProxy server name: `srv<N>`, stable for as long as its instance lives.
+    pub name: String,
+    /// Index into the service's `instances`, or none for a free (disabled) slot.
+    pub instance: Option<usize>,
 }
 
 /// The typed registry: services sorted by name, instances sorted by id.
@@ -513,6 +525,7 @@ impl Registry {
                 backend: format!("be_{name}"),
                 route: None,
                 instances: Vec::new(),
+                slots: Vec::new(),
             })
         }
         for (key, value) in snapshot.kv.range(SERVICES_PREFIX.to_owned()..) {

@@ -42,6 +42,8 @@ pub enum ApplyKind {
     Written,
     /// HAProxy was started (supervise, first apply).
     Start,
+    /// Server-only change applied through the Runtime API: no reload.
+    Runtime,
     /// A confirmed reload.
     Reload,
 }
@@ -52,6 +54,7 @@ impl ApplyKind {
             ApplyKind::None => "none",
             ApplyKind::Written => "written",
             ApplyKind::Start => "start",
+            ApplyKind::Runtime => "runtime",
             ApplyKind::Reload => "reload",
         }
     }
@@ -160,6 +163,16 @@ impl Controller {
                 master::reload(&spec.master_socket, *timeout).await?;
                 Ok(ApplyKind::Reload)
             }
+        }
+    }
+
+    /// Whether an HAProxy driven by this controller runs, so that its runtime socket can take
+    /// changes.
+    pub fn is_running(&self) -> bool {
+        match self {
+            Controller::Master { .. } => true,
+            Controller::Supervise { running, .. } => running.is_some(),
+            Controller::None | Controller::Command { .. } => false,
         }
     }
 

@@ -128,7 +128,8 @@ pub struct NeedsReload(pub String);
 /// The commands that turn what runs (`old`) into `new`, or why a reload is needed.
 pub fn plan(old: &str, new: &str) -> Result<Vec<Cmd>, NeedsReload> {
     let reload = |why: String| Err(NeedsReload(why));
-    let (old_lines, new_lines): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    let (old_lines, new_lines): (Vec<&str>, Vec<&str>) =
+        (old.lines().collect(), new.lines().collect());
     if old_lines.len() != new_lines.len() {
         return reload("lines were added or removed".into());
     }
@@ -150,7 +151,9 @@ pub fn plan(old: &str, new: &str) -> Result<Vec<Cmd>, NeedsReload> {
         }
         let line = i + 1;
         let (Some(be), Some(sa), Some(sb)) = (backend, parse_server(a), parse_server(b)) else {
-            return reload(format!("line {line} changed outside a backend's server lines"));
+            return reload(format!(
+                "line {line} changed outside a backend's server lines"
+            ));
         };
         if sa.name != sb.name || sa.rest != sb.rest {
             return reload(format!("line {line}: the server's name or options changed"));
@@ -319,8 +322,14 @@ backend be_api
     #[test]
     fn address_weight_and_state_changes_become_commands() {
         let new = OLD
-            .replace("srv2 127.0.0.1:8002 weight 100", "srv2 127.0.0.1:8012 weight 50")
-            .replace("srv3 127.0.0.1:1 disabled", "srv3 127.0.0.1:8003 weight 100")
+            .replace(
+                "srv2 127.0.0.1:8002 weight 100",
+                "srv2 127.0.0.1:8012 weight 50",
+            )
+            .replace(
+                "srv3 127.0.0.1:1 disabled",
+                "srv3 127.0.0.1:8003 weight 100",
+            )
             .replace("srv1 [::1]:9000 weight 10", "srv1 127.0.0.1:1 disabled");
         assert_eq!(
             cmds(&new),
@@ -343,8 +352,14 @@ backend be_api
         for new in [
             OLD.replace("balance roundrobin", "balance leastconn"),
             OLD.replace("srv2 127.0.0.1:8002", "srv9 127.0.0.1:8002"),
-            OLD.replace("srv2 127.0.0.1:8002 weight 100", "srv2 localhost:8002 weight 100"),
-            OLD.replace("srv2 127.0.0.1:8002 weight 100", "srv2 127.0.0.1:8002 weight 100 backup"),
+            OLD.replace(
+                "srv2 127.0.0.1:8002 weight 100",
+                "srv2 localhost:8002 weight 100",
+            ),
+            OLD.replace(
+                "srv2 127.0.0.1:8002 weight 100",
+                "srv2 127.0.0.1:8002 weight 100 backup",
+            ),
             format!("{OLD}    server srv2 127.0.0.1:8004 weight 1\n"),
             OLD.replace("    master-worker\n", "    master-worker\n    nbthread 2\n"),
         ] {
@@ -367,7 +382,10 @@ backend be_api
             ip: "127.0.0.1".parse().expect("ip"),
             port: 1,
         };
-        assert!(accepted(&a, "IP changed from '127.0.0.1' to '127.0.0.2' by 'stats socket command'"));
+        assert!(accepted(
+            &a,
+            "IP changed from '127.0.0.1' to '127.0.0.2' by 'stats socket command'"
+        ));
         assert!(!accepted(&a, "Require 'backend/server'."));
     }
 }

@@ -138,6 +138,11 @@ impl Templates {
         })
     }
 
+    /// Free server slots each backend gets at a reload (`[haproxy] spare_slots`).
+    pub fn spare_slots(&self) -> usize {
+        self.haproxy.spare_slots as usize
+    }
+
     /// The configured templates, in config order.
     pub fn list(&self) -> &[TemplateConfig] {
         &self.list

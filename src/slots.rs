@@ -1,0 +1,154 @@
+//! Server slots: which `server` line of its backend each instance occupies.
+//!
+//! An instance keeps its slot (`srv<N>`) for as long as it lives, and a new instance takes a
+//! free slot, so a change that only adds, removes or moves instances changes only the address,
+//! weight and `disabled` of existing server lines: the Runtime API can apply it without a
+//! reload. Free slots are regrown to `spare` per backend at every reload, and trailing free
+//! slots beyond that are trimmed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::model::{Registry, Slot};
+
+/// Slot tables per backend, kept across applies.
+#[derive(Debug, Default, Clone)]
+pub struct Slots {
+    /// Per backend: slot index → instance id (None: free).
+    tables: HashMap<String, Vec<Option<String>>>,
+}
+
+impl Slots {
+    /// Assigns every instance of `registry` a slot and fills `Service::slots` and
+    /// `Instance::name`. With `regrow`, each backend ends with exactly `spare` free slots
+    /// beyond its last occupied one (at least), so the structure may change; without it, slots
+    /// are only added when a backend has no free one left.
+    pub fn assign(&mut self, registry: &mut Registry, spare: usize, regrow: bool) {
+        if regrow {
+            // Backends that no longer exist lose their tables at a reload.
+            let live: std::collections::HashSet<&str> = registry
+                .services
+                .iter()
+                .map(|s| s.backend.as_str())
+                .collect();
+            self.tables.retain(|b, _| live.contains(b.as_str()));
+        }
+        for service in &mut registry.services {
+            let table = self.tables.entry(service.backend.clone()).or_default();
+            let index: BTreeMap<&str, usize> = service
+                .instances
+                .iter()
+                .enumerate()
+                .map(|(i, inst)| (inst.id.as_str(), i))
+                .collect();
+            // Free the slots of instances that are gone.
+            for slot in table.iter_mut() {
+                if slot.as_deref().is_some_and(|id| !index.contains_key(id)) {
+                    *slot = None;
+                }
+            }
+            let placed: std::collections::HashSet<String> =
+                table.iter().flatten().cloned().collect();
+            for inst in &service.instances {
+                if placed.contains(&inst.id) {
+                    continue;
+                }
+                match table.iter_mut().find(|s| s.is_none()) {
+                    Some(free) => *free = Some(inst.id.clone()),
+                    None => table.push(Some(inst.id.clone())),
+                }
+            }
+            if regrow {
+                let used = table.iter().rposition(Option::is_some).map_or(0, |p| p + 1);
+                let free_inside = table[..used].iter().filter(|s| s.is_none()).count();
+                let want = used + spare.saturating_sub(free_inside);
+                table.resize(want.max(used), None);
+            }
+            service.slots = table
+                .iter()
+                .enumerate()
+                .map(|(n, id)| Slot {
+                    name: format!("srv{}", n + 1),
+                    instance: id.as_deref().and_then(|id| index.get(id).copied()),
+                })
+                .collect();
+            for slot in &service.slots {
+                if let Some(i) = slot.instance {
+                    service.instances[i].name = slot.name.clone();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Instance, Service, State};
+
+    fn registry(ids: &[&str]) -> Registry {
+        Registry {
+            services: vec![Service {
+                name: "web".into(),
+                backend: "be_web".into(),
+                route: None,
+                instances: ids
+                    .iter()
+                    .map(|id| Instance {
+                        id: (*id).into(),
+                        name: (*id).into(),
+                        host: "127.0.0.1".into(),
+                        port: 8000,
+                        addr: "127.0.0.1:8000".into(),
+                        weight: 100,
+                        state: State::Ready,
+                        meta: Default::default(),
+                    })
+                    .collect(),
+                slots: Vec::new(),
+            }],
+        }
+    }
+
+    fn layout(r: &Registry) -> Vec<String> {
+        let s = &r.services[0];
+        s.slots
+            .iter()
+            .map(|slot| match slot.instance {
+                Some(i) => format!("{}={}", slot.name, s.instances[i].id),
+                None => format!("{}=-", slot.name),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn instances_keep_their_slots_and_new_ones_fill_holes() {
+        let mut slots = Slots::default();
+        let mut r = registry(&["a", "b", "c"]);
+        slots.assign(&mut r, 2, true);
+        assert_eq!(
+            layout(&r),
+            ["srv1=a", "srv2=b", "srv3=c", "srv4=-", "srv5=-"]
+        );
+        assert_eq!(r.services[0].instances[1].name, "srv2");
+
+        // b leaves, d arrives: d takes b's slot; nothing else moves; no regrow.
+        let mut r = registry(&["a", "c", "d"]);
+        slots.assign(&mut r, 2, false);
+        assert_eq!(
+            layout(&r),
+            ["srv1=a", "srv2=d", "srv3=c", "srv4=-", "srv5=-"]
+        );
+
+        // Two more fill the spares; a third needs a new slot even without regrow.
+        let mut r = registry(&["a", "c", "d", "e", "f", "g"]);
+        slots.assign(&mut r, 2, false);
+        assert_eq!(layout(&r).len(), 6);
+
+        // A reload regrows two spares, and trims free slots beyond them.
+        slots.assign(&mut r, 2, true);
+        assert_eq!(layout(&r).len(), 8);
+        let mut r = registry(&["a"]);
+        slots.assign(&mut r, 2, true);
+        assert_eq!(layout(&r), ["srv1=a", "srv2=-", "srv3=-"]);
+    }
+}
