@@ -297,8 +297,9 @@ pub struct Service {
     pub backend: String,
     pub route: Option<Route>,
     pub instances: Vec<Instance>,
-    /// The backend's server slots in file order, filled by `slots::Slots::assign`: each holds
-    /// an instance (an index into `instances`) or is free. Empty until assigned.
+    /// The backend's server slots in file order: each holds an instance (an index into
+    /// `instances`) or is free. `Registry::parse` gives one slot per instance; the daemon's
+    /// `slots::Slots` keeps them stable across applies and adds spare ones.
     pub slots: Vec<Slot>,
 }
 
@@ -581,6 +582,17 @@ impl Registry {
             .into_values()
             .map(|mut s| {
                 s.instances.sort_by(|a, b| a.id.cmp(&b.id));
+                // One slot per instance in id order, no spares: what renders when nothing
+                // keeps slots across applies (`slots::Slots` replaces it in the daemon).
+                s.slots = (0..s.instances.len())
+                    .map(|i| Slot {
+                        name: format!("srv{}", i + 1),
+                        instance: Some(i),
+                    })
+                    .collect();
+                for (i, inst) in s.instances.iter_mut().enumerate() {
+                    inst.name = format!("srv{}", i + 1);
+                }
                 s
             })
             .collect();

@@ -21,7 +21,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
 
 /// The good instance every registry holds, and its rendered line.
-const GOOD_LINE: &str = "    server good 127.0.0.1:8080 weight 100\n";
+const GOOD_LINE: &str = "    server srv1 127.0.0.1:8080 weight 100  # good\n";
 
 /// One bad key: where it sits, its value as a raw JSON literal (bytes, so that a case can hold
 /// bytes that are not UTF-8), and a canary that occurs in the value only.
@@ -218,7 +218,7 @@ fn server_lines(text: &str) -> Vec<&str> {
 fn non_spare(text: &str) -> usize {
     server_lines(text)
         .iter()
-        .filter(|l| !l.trim_start().starts_with("server _spare"))
+        .filter(|l| l.contains("  # "))
         .count()
 }
 
@@ -361,27 +361,30 @@ fn yaml_registry_skips_bad_values_too() {
 // ---------------------------------------------------------------------------------------------
 
 /// A strict grammar for the default template's server lines, written by hand:
-/// `    server NAME ADDR weight N[ disabled]` where NAME is an instance id, ADDR is a dotted IPv4,
-/// a bracketed IPv6 or a lower-case host name with a port from 1 to 65535, and N is 0 to 256.
-/// Spare slots are `    server _spareK 127.0.0.1:1 disabled`.
+/// `    server srvK ADDR weight N[ disabled]  # ID` where K is a slot number, ADDR is a dotted
+/// IPv4, a bracketed IPv6 or a lower-case host name with a port from 1 to 65535, N is 0 to 256
+/// and ID an instance id. Free slots are `    server srvK 127.0.0.1:1 disabled`.
 fn server_line_ok(line: &str) -> bool {
     let Some(rest) = line.strip_prefix("    server ") else {
         return false;
     };
+    let (rest, id) = match rest.split_once("  # ") {
+        Some((r, id)) => (r, Some(id)),
+        None => (rest, None),
+    };
     let f: Vec<&str> = rest.split(' ').collect();
-    if let Some(k) = f[0].strip_prefix("_spare") {
-        return f.len() == 3
-            && !k.is_empty()
-            && k.bytes().all(|b| b.is_ascii_digit())
-            && f[1] == "127.0.0.1:1"
-            && f[2] == "disabled";
-    }
+    let slot_ok = f[0]
+        .strip_prefix("srv")
+        .is_some_and(|k| number_in(k, 1, 100_000));
+    let Some(id) = id else {
+        return f.len() == 3 && slot_ok && f[1] == "127.0.0.1:1" && f[2] == "disabled";
+    };
     let tail_ok = match f.len() {
         4 => true,
         5 => f[4] == "disabled",
         _ => false,
     };
-    tail_ok && name_ok(f[0]) && addr_ok(f[1]) && f[2] == "weight" && weight_ok(f[3])
+    tail_ok && slot_ok && name_ok(id) && addr_ok(f[1]) && f[2] == "weight" && weight_ok(f[3])
 }
 
 fn name_ok(s: &str) -> bool {
@@ -440,31 +443,47 @@ fn addr_ok(s: &str) -> bool {
             .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Replaces slot numbers in server lines (`server srv12 `) with `srv#`.
+fn unslotted(text: &str) -> String {
+    text.split_inclusive('\n')
+        .map(|l| match l.strip_prefix("    server srv") {
+            Some(rest) => {
+                let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                format!("    server srv#{}", &rest[digits..])
+            }
+            None => l.to_owned(),
+        })
+        .collect()
+}
+
 #[test]
 fn the_matcher_is_strict() {
     for good in [
-        "    server i0 127.0.0.1:8080 weight 100",
-        "    server i1 [::1]:1 weight 0 disabled",
-        "    server i1 localhost:65535 weight 256",
-        "    server _spare1 127.0.0.1:1 disabled",
+        "    server srv1 127.0.0.1:8080 weight 100  # i0",
+        "    server srv2 [::1]:1 weight 0 disabled  # i1",
+        "    server srv3 localhost:65535 weight 256  # i1",
+        "    server srv4 127.0.0.1:1 disabled",
     ] {
         assert!(server_line_ok(good), "{good:?}");
     }
     for bad in [
-        "    server i1 127.0.0.1:8080 weight 100 ",
-        "    server i1 127.0.0.1:8080 weight 257",
-        "    server i1 127.0.0.1:0 weight 1",
-        "    server i1 127.0.0.1:65536 weight 1",
-        "    server i1 127.0.0.1:80;x weight 1",
-        "    server i1 127.0.0.1:80 weight 1 backup",
-        "    server i1 Localhost:80 weight 1",
-        "    server i1 [::1%lo]:80 weight 1",
-        "    server i1 1.2.3:80 weight 1",
-        "    server i1 127.0.0.1:80#x weight 1",
-        "    server -i1 127.0.0.1:80 weight 1",
-        "    server i1  127.0.0.1:80 weight 1",
-        "    server i1 127.0.0.1:80\tweight 1",
-        "    server _spare1 127.0.0.2:1 disabled",
+        "    server srv2 127.0.0.1:8080 weight 100  # i1 ",
+        "    server srv2 127.0.0.1:8080 weight 257  # i1",
+        "    server srv2 127.0.0.1:0 weight 1  # i1",
+        "    server srv2 127.0.0.1:65536 weight 1  # i1",
+        "    server srv2 127.0.0.1:80;x weight 1  # i1",
+        "    server srv2 127.0.0.1:80 weight 1 backup  # i1",
+        "    server srv2 Localhost:80 weight 1  # i1",
+        "    server srv2 [::1%lo]:80 weight 1  # i1",
+        "    server srv2 1.2.3:80 weight 1  # i1",
+        "    server srv2 127.0.0.1:80#x weight 1  # i1",
+        "    server srv2 127.0.0.1:80 weight 1  # -i1",
+        "    server srv2 127.0.0.1:80 weight 1  # i1 x",
+        "    server srv2  127.0.0.1:80 weight 1  # i1",
+        "    server srv2 127.0.0.1:80\tweight 1  # i1",
+        "    server srv2 127.0.0.1:80 weight 1",
+        "    server i1 127.0.0.1:80 weight 1  # i1",
+        "    server srv2 127.0.0.2:1 disabled",
     ] {
         assert!(!server_line_ok(bad), "{bad:?}");
     }
@@ -549,7 +568,9 @@ bind = ["127.0.0.1:18080"]
             (b"/services/svc/i1", value),
         ];
         let (snapshot, _) = Snapshot::screen(1, &prefixes, raw);
-        let (registry, _) = Registry::parse(&snapshot);
+        let (mut registry, _) = Registry::parse(&snapshot);
+        let spare = templates.borrow().spare_slots();
+        haconfd::slots::Slots::default().assign(&mut registry, spare, true);
         let out = templates
             .borrow_mut()
             .render_all(&Arc::new(snapshot), &registry)
@@ -573,12 +594,14 @@ bind = ["127.0.0.1:18080"]
             prop_assert!(server_line_ok(line), "bad server line {:?}", line);
         }
         prop_assert_eq!(non_spare(&out), valid);
-        prop_assert!(out.contains("    server i0 127.0.0.1:8080 weight 100\n"));
-        let without_i1: String = out
-            .split_inclusive('\n')
-            .filter(|l| !l.starts_with("    server i1 "))
-            .collect();
-        prop_assert_eq!(&without_i1, &baseline);
+        prop_assert!(out.contains("    server srv1 127.0.0.1:8080 weight 100  # i0\n"));
+        // Slot numbers shift when i1 takes one: compare without them.
+        let without_i1 = unslotted(
+            &out.split_inclusive('\n')
+                .filter(|l| !l.ends_with("  # i1\n"))
+                .collect::<String>(),
+        );
+        prop_assert_eq!(&without_i1, &unslotted(&baseline));
         Ok(())
     });
     if let Err(e) = result {

@@ -66,7 +66,9 @@ fn render_file(path: &Path) -> String {
         path.display(),
         update.rejected
     );
-    let (registry, rejected) = Registry::parse(&update.snapshot);
+    let (mut registry, rejected) = Registry::parse(&update.snapshot);
+    // The daemon's slot layout: instances in stable slots, then spare (disabled) ones.
+    haconfd::slots::Slots::default().assign(&mut registry, templates.spare_slots(), true);
     assert!(
         rejected.is_empty(),
         "{}: registry rejected {:?}",
