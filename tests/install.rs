@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use common::haproxy::{Opts, Workspace};
+use common::haproxy::{Opts, Workspace, serves};
 use haconfd::config::TemplateConfig;
 use haconfd::haproxy::install::{self, Check, InstallError, Outcome};
 
@@ -243,7 +243,7 @@ fn prev_holds_the_previous_file_after_a_change() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v1 = std::fs::read_to_string(&ws.dest).expect("v1");
-    assert!(v1.contains("server w1 127.0.0.1:8080 "), "{v1}");
+    assert!(serves(&v1, "w1", "127.0.0.1:8080"), "{v1}");
 
     ws.write_registry(REGISTRY_V2);
     let out = ws.haconfd(&["render"]);
@@ -254,7 +254,7 @@ fn prev_holds_the_previous_file_after_a_change() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v2 = std::fs::read_to_string(&ws.dest).expect("v2");
-    assert!(v2.contains("server w1 127.0.0.1:8081 "), "{v2}");
+    assert!(serves(&v2, "w1", "127.0.0.1:8081"), "{v2}");
     let prev = install::prev_path(&ws.dest);
     assert_eq!(std::fs::read_to_string(&prev).expect(".prev"), v1);
     assert_eq!(ws.dest_dir_names(), ["haproxy.cfg", "haproxy.cfg.prev"]);

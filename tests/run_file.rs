@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::haproxy::{Backend, Opts, PidGuard, Workspace, http_get, master_pid, pid_alive};
+use common::haproxy::{
+    Backend, Opts, PidGuard, Workspace, http_get, instances, master_pid, pid_alive, serves,
+};
 use common::wait_for;
 
 /// Generous bounds: they only cap a failing test, the tests never wait them out when passing.
@@ -33,7 +35,12 @@ fn run_follows_registry_and_template_and_keeps_the_last_good_config() {
         let ws = &ws;
         move || ws.dest_text().filter(|t| t.contains(&needle))
     };
-    wait_for(SETTLE, "the first render", has("server w1 127.0.0.1:8080 "));
+    let serving = |id: &str, addr: &str| {
+        let (id, addr) = (id.to_owned(), addr.to_owned());
+        let ws = &ws;
+        move || ws.dest_text().filter(|t| serves(t, &id, &addr))
+    };
+    wait_for(SETTLE, "the first render", serving("w1", "127.0.0.1:8080"));
 
     // A registry change is rendered.
     ws.write_registry(registry(&[
@@ -43,16 +50,16 @@ fn run_follows_registry_and_template_and_keeps_the_last_good_config() {
     let text = wait_for(
         SETTLE,
         "the second registry",
-        has("server w2 127.0.0.1:8082 "),
+        serving("w2", "127.0.0.1:8082"),
     );
-    assert!(text.contains("server w1 127.0.0.1:8081 "), "{text}");
-    assert!(!text.contains("127.0.0.1:8080"), "{text}");
+    assert!(serves(&text, "w1", "127.0.0.1:8081"), "{text}");
+    assert_eq!(instances(&text).len(), 2, "{text}");
 
     // A template change is rendered with the current data.
     let template = Workspace::default_template();
     ws.write_template(&format!("{template}# marker-1\n"));
     let text = wait_for(SETTLE, "the template change", has("# marker-1"));
-    assert!(text.contains("server w2 127.0.0.1:8082 "), "{text}");
+    assert!(serves(&text, "w2", "127.0.0.1:8082"), "{text}");
 
     // A registry with a syntax error is reported and the last good state stays.
     ws.write_registry("services:\n  web: [unclosed\n");
@@ -69,7 +76,7 @@ fn run_follows_registry_and_template_and_keeps_the_last_good_config() {
         has("# marker-2"),
     );
     assert!(
-        text.contains("server w1 127.0.0.1:8081 ") && text.contains("server w2 127.0.0.1:8082 "),
+        serves(&text, "w1", "127.0.0.1:8081") && serves(&text, "w2", "127.0.0.1:8082"),
         "the last good registry was not kept:\n{text}"
     );
 
@@ -81,9 +88,10 @@ fn run_follows_registry_and_template_and_keeps_the_last_good_config() {
     let text = wait_for(
         SETTLE,
         "the fixed registry",
-        has("server w3 127.0.0.1:8083 "),
+        serving("w3", "127.0.0.1:8083"),
     );
-    assert!(!text.contains("server w1 "), "{text}");
+    assert!(serves(&text, "w4", "127.0.0.1:8084"), "{text}");
+    assert_eq!(instances(&text).len(), 2, "{text}");
 
     assert_eq!(daemon.terminate(SETTLE), Some(0), "{}", daemon.log_text());
     // No staged file is left beside the dest.
@@ -98,8 +106,7 @@ fn a_template_that_breaks_keeps_the_last_good_config() {
     ws.write_config(&Opts::default());
     let mut daemon = ws.spawn_run();
     let good = wait_for(SETTLE, "the first render", || {
-        ws.dest_text()
-            .filter(|t| t.contains("server w1 127.0.0.1:8080 "))
+        ws.dest_text().filter(|t| serves(t, "w1", "127.0.0.1:8080"))
     });
 
     // A template that does not parse is rejected; one that fails haproxy -c is not installed.

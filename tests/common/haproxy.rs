@@ -440,3 +440,22 @@ impl Drop for PidGuard {
         }
     }
 }
+
+/// The instances a rendered haproxy.cfg serves, as `(instance id, address)` in file order: the
+/// `server` lines of occupied slots, `server srvN ADDR weight W [disabled]  # ID`. Free slots
+/// (no `# ID`) are left out.
+pub fn instances(cfg: &str) -> Vec<(String, String)> {
+    cfg.lines()
+        .filter_map(|l| {
+            let rest = l.trim_start().strip_prefix("server ")?;
+            let (line, id) = rest.split_once("  # ")?;
+            let addr = line.split(' ').nth(1)?;
+            Some((id.trim().to_owned(), addr.to_owned()))
+        })
+        .collect()
+}
+
+/// Whether `cfg` serves instance `id` at `addr`.
+pub fn serves(cfg: &str, id: &str, addr: &str) -> bool {
+    instances(cfg).iter().any(|(i, a)| i == id && a == addr)
+}
