@@ -50,6 +50,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const BACKOFF_AUTH_MIN: Duration = Duration::from_secs(1);
 /// A watch that ran this long counts as healthy: the next failure starts the backoff again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Floors for durations the config accepts down to zero: a zero dial timeout would fail every
+/// connect, a zero resync would re-read in a tight loop.
+const MIN_DIAL_TIMEOUT: Duration = Duration::from_millis(100);
+const MIN_RESYNC: Duration = Duration::from_secs(1);
 /// A read that meets a compaction between its gets is retried this many times.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -215,7 +219,7 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Failure> {
     let mut options = ConnectOptions::new()
         .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
         .with_keep_alive_while_idle(true)
-        .with_connect_timeout(config.dial_timeout)
+        .with_connect_timeout(dial_timeout(config))
         // Adds the "hasleader: true" header: a member cut off from its cluster refuses to
         // serve stale data and cancels our watch instead of silently going quiet.
         .with_require_leader(true)
@@ -249,13 +253,17 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Failure> {
     Ok(options)
 }
 
+fn dial_timeout(config: &EtcdConfig) -> Duration {
+    config.dial_timeout.max(MIN_DIAL_TIMEOUT)
+}
+
 /// Connects and proves the connection with `status()`. Returns the client and etcd's current
 /// revision.
 async fn connect(config: &EtcdConfig) -> Result<(Client, i64), Failure> {
     let options = connect_options(config)?;
     let user = config.username.as_deref();
     // With credentials, connect authenticates: that is a call that can hang.
-    let deadline = config.dial_timeout + KEEP_ALIVE_TIMEOUT;
+    let deadline = dial_timeout(config) + KEEP_ALIVE_TIMEOUT;
     let mut client =
         tokio::time::timeout(deadline, Client::connect(&config.endpoints, Some(options)))
             .await
@@ -327,9 +335,9 @@ async fn read_all_once(
     if prefixes.is_empty() {
         // Nothing to read; the revision still says where a watch would start.
         let mut client = client.clone();
-        let status = client
-            .status()
+        let status = tokio::time::timeout(READ_TIMEOUT, client.status())
             .await
+            .map_err(|_| Failure::timeout("status", READ_TIMEOUT))?
             .map_err(|e| Failure::from_etcd("status", &e, user))?;
         revision = status.header().map(|h| h.revision()).unwrap_or(0);
     }
@@ -368,7 +376,7 @@ pub fn spawn_watch(config: &Config, tx: mpsc::Sender<Update>) -> JoinHandle<()> 
     let watcher = Watcher {
         config: etcd,
         prefixes: config.source.prefixes.clone(),
-        resync: config.source.resync,
+        resync: config.source.resync.max(MIN_RESYNC),
         tx,
         state: RawState::new(),
         have_state: false,
@@ -631,7 +639,7 @@ impl Watcher {
                 _ = self.tx.closed() => return WatchEnd::ReceiverGone,
             }
         };
-        let deadline = self.config.dial_timeout + KEEP_ALIVE_TIMEOUT;
+        let deadline = dial_timeout(&self.config) + KEEP_ALIVE_TIMEOUT;
         let mut stream = match tokio::time::timeout(
             deadline,
             wc.watch(first.as_bytes(), Some(options(self.next_revision[0]))),
