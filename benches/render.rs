@@ -18,14 +18,18 @@ kind = "file"
 path = "unused.yaml"
 [[template]]
 name = "haproxy"
-src = "{}/templates/haproxy.cfg.tera"
+src = "{}"
 dest = "/tmp/haconfd-bench.cfg"
 [haproxy]
 mode = "none"
 [frontend]
 bind = ["127.0.0.1:18080"]
 "#,
-        env!("CARGO_MANIFEST_DIR")
+        // Another template can be measured with HACONFD_BENCH_TEMPLATE=path.
+        std::env::var("HACONFD_BENCH_TEMPLATE").unwrap_or_else(|_| format!(
+            "{}/templates/haproxy.cfg.tera",
+            env!("CARGO_MANIFEST_DIR")
+        ))
     );
     match Config::parse(&text, "bench") {
         Ok(c) => c,
@@ -96,6 +100,31 @@ fn main() {
             m,
             b,
             out[0].bytes.len() / 1024
+        );
+        // One instance changes between renders: what the daemon does per event.
+        let mut flip = false;
+        let (m, b, _) = time(runs, || {
+            flip = !flip;
+            let mut changed = (*snap).clone();
+            changed.kv.insert(
+                "/services/svc-00000/inst-00".into(),
+                if flip {
+                    "127.0.0.1:9999"
+                } else {
+                    "127.0.0.1:9998"
+                }
+                .into(),
+            );
+            let changed = Arc::new(changed);
+            let (registry, _) = Registry::parse(&changed);
+            match templates.render_all(&changed, &registry) {
+                Ok(r) => r,
+                Err(e) => panic!("render: {e}"),
+            }
+        });
+        println!(
+            "one change: parse+render {services:>3}×10 {:>9.2?} {:>9.2?}",
+            m, b
         );
     }
 }

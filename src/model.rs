@@ -170,14 +170,16 @@ pub fn is_http_path(s: &str) -> bool {
 
 /// A service name: a DNS label (it is also the implicit `Host:` of the service), with '.' and
 /// '_' allowed inside. It starts with a letter or digit, so generated names cannot collide
-/// with haconfd's own `_`-prefixed names.
+/// with haconfd's own `_`-prefixed names, and it is lower-case: host names compare without
+/// case, so `Web` and `web` would claim the same `Host:`.
 pub fn is_service_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
+        })
 }
 
 /// An instance id: `[A-Za-z0-9._:-]{1,128}`, starting with a letter or digit.
@@ -242,7 +244,7 @@ pub fn parse_addr(s: &str) -> Result<(Host, u16), String> {
 }
 
 /// What an instance asks of the load balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Takes traffic.
@@ -264,7 +266,7 @@ impl State {
 }
 
 /// One instance of a service, as templates see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Instance {
     /// The last segment of the instance's key.
     pub id: String,
@@ -280,7 +282,7 @@ pub struct Instance {
 }
 
 /// How a service is reached from the frontend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Route {
     pub hosts: Vec<String>,
     pub paths: Vec<String>,
@@ -290,7 +292,7 @@ pub struct Route {
 }
 
 /// One service: a backend in HAProxy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Service {
     pub name: String,
     /// The HAProxy backend name: generated, safe, stable.
@@ -304,7 +306,7 @@ pub struct Service {
 }
 
 /// One server line of a backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Slot {
     /// The HAProxy server name: `srv<N>`, stable for as long as its instance lives.
     pub name: String,
@@ -545,7 +547,7 @@ impl Registry {
             };
             if !is_service_name(svc) {
                 rejected.push(reject(
-                    "service name must be 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit".into(),
+                    "service name must be 1-63 lower-case letters, digits, '-', '_' or '.', starting with a letter or digit".into(),
                 ));
                 continue;
             }
@@ -625,6 +627,16 @@ mod tests {
             );
         }
         (registry, rejected)
+    }
+
+    #[test]
+    fn service_names_are_lower_case() {
+        assert!(is_service_name("web-1.v2_x"));
+        assert!(
+            !is_service_name("Web"),
+            "Web and web would claim the same Host:"
+        );
+        assert!(!is_service_name("_web"));
     }
 
     #[test]
