@@ -250,6 +250,23 @@ fn a_put_and_a_delete_reach_dest() {
 }
 
 #[test]
+fn an_idle_watch_is_not_cut_by_etcds_ping_policy() {
+    // etcd answers pings sent more often than every 5 s on a silent connection with GOAWAY
+    // "too_many_pings" (three strikes: about 8 s with 2 s pings). haconfd keeps the watch
+    // talking, so an idle watch stays up.
+    let etcd = Etcd::start();
+    seed(&etcd, 1, 2);
+    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    d.converge(&expected(&etcd), "first read");
+    d.wait_log("etcd watch running", CONVERGE);
+    std::thread::sleep(Duration::from_secs(12));
+    etcd.put("/services/late/a", &addr(3));
+    d.converge(&expected(&etcd), "put after 12 s idle");
+    let log = d.log();
+    assert!(!log.contains("etcd watch failed"), "{log}");
+}
+
+#[test]
 fn a_burst_of_1000_keys_converges_to_etcds_final_state() {
     let etcd = Etcd::start();
     seed(&etcd, 2, 3);

@@ -39,6 +39,13 @@ use crate::config::{Config, EtcdConfig, SourceKind};
 /// HTTP/2 keep-alive: a ping every 2 s, a connection without an answer for 2 s is dead.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the watch asks etcd for a progress answer. etcd (gRPC's server keep-alive policy,
+/// `--grpc-keepalive-min-time` 5 s by default) closes a connection with GOAWAY
+/// "too_many_pings" when pings come more often than that while it sends nothing: an idle watch
+/// with 2 s pings was cut every 8 s. hyper only pings after `KEEP_ALIVE_INTERVAL` without any
+/// frame read, so a small answer every second keeps the pings away while etcd is healthy, and a
+/// frozen etcd still goes silent and is caught by the keep-alive within about 4 s.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// The largest read or watch message accepted (the gRPC default, 4 MiB, is about 40,000 keys).
 const MAX_MESSAGE: usize = 1 << 30;
 /// A deadline for one `get` of a prefix: large registries take a while, hung servers forever.
@@ -665,6 +672,9 @@ impl Watcher {
         let mut ids: Vec<i64> = Vec::with_capacity(self.prefixes.len());
         let resync = tokio::time::sleep_until(resync_at.into());
         tokio::pin!(resync);
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A clone, so that a held permit does not borrow `self`.
         let tx = self.tx.clone();
         loop {
@@ -693,6 +703,11 @@ impl Watcher {
                     }
                     Err(_) => return WatchEnd::ReceiverGone,
                 },
+                _ = heartbeat.tick() => {
+                    if let Err(e) = stream.request_progress().await {
+                        return WatchEnd::Failed(Failure::from_etcd("watch progress request", &e, user.as_deref()));
+                    }
+                }
                 _ = &mut resync => return WatchEnd::Resync,
                 _ = tx.closed() => return WatchEnd::ReceiverGone,
             }
@@ -752,7 +767,9 @@ impl Watcher {
             return Some(WatchEnd::Failed(f));
         }
         let Some(index) = index else {
-            // Not one of our watches (a progress answer for the whole stream): no news.
+            // Not one of our watches: the answer to a progress request (watch id -1). etcd 3.4
+            // may send it ahead of events still queued, so it says nothing about where the
+            // watches are.
             return None;
         };
         let header_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
