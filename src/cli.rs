@@ -55,6 +55,39 @@ pub enum Command {
         #[arg(long)]
         template: Option<String>,
     },
+    /// Presence sidecar: register a service instance in etcd under a lease, keep it alive,
+    /// and remove it when stopped.
+    Announce(AnnounceArgs),
     /// Print the version, the git commit and the HAProxy version found.
     Version,
+}
+
+/// `haconfd announce`: see src/announce.rs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnnounceArgs {
+    /// Service name (the `<service>` of /services/<service>/<id>).
+    #[arg(long)]
+    pub service: String,
+    /// HOST:PORT HAProxy should send traffic to ([V6]:PORT for IPv6).
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Instance id; default: stable for this instance (host name and port).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Lease TTL.
+    #[arg(long, default_value = "5m")]
+    pub ttl: String,
+    /// Weight 0-256 (written in the JSON form).
+    #[arg(long)]
+    pub weight: Option<u16>,
+    /// Metadata, k=v, repeatable (written in the JSON form).
+    #[arg(long = "meta", value_name = "K=V")]
+    pub meta: Vec<String>,
+    /// Health check: tcp://127.0.0.1:PORT or http://127.0.0.1:PORT/path; the key exists only
+    /// while it passes.
+    #[arg(long)]
+    pub check: Option<String>,
+    /// etcd endpoint(s), overriding the config's [etcd] endpoints.
+    #[arg(long = "etcd", value_name = "URL")]
+    pub etcd: Vec<String>,
 }

@@ -10,9 +10,11 @@
 //! - `guard`    — the shrink guard: a collapsing registry cannot empty the load balancer
 //! - `apply`    — one apply: guard → render → install → reload, restoring on failure
 //! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
+//! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `commands` — the subcommands, with exit codes
 //! - `metrics`  — counters the daemon keeps
 
+pub mod announce;
 pub mod apply;
 pub mod cli;
 pub mod commands;

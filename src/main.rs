@@ -38,6 +38,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             template,
         } => commands::render(&cs, print, diff, template.as_deref()).await,
         Command::Check { template } => commands::check(&cs, template.as_deref()).await,
+        Command::Announce(args) => haconfd::announce::run(&cs, args).await,
         Command::Version => commands::version(&cs).await,
     }
 }
