@@ -547,6 +547,20 @@ fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
     })
 }
 
+/// A duration that must not be zero (a zero resync would re-read etcd in a loop).
+fn positive(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = duration(key, value)?;
+    if d.is_zero() {
+        return Err(invalid(
+            key,
+            value,
+            "is zero",
+            "use a positive duration, like \"5m\" or \"5s\"",
+        ));
+    }
+    Ok(d)
+}
+
 fn validate_source(
     raw: RawSource,
     etcd: Option<RawEtcd>,
@@ -630,7 +644,7 @@ fn validate_source(
     Ok(SourceConfig {
         kind,
         prefixes: raw.prefixes,
-        resync: duration("source.resync", &raw.resync)?,
+        resync: positive("source.resync", &raw.resync)?,
     })
 }
 
@@ -685,7 +699,7 @@ fn validate_etcd(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
         key_file: raw.key_file,
         username: raw.username,
         password_file: raw.password_file,
-        dial_timeout: duration("etcd.dial_timeout", &raw.dial_timeout)?,
+        dial_timeout: positive("etcd.dial_timeout", &raw.dial_timeout)?,
     })
 }
 
@@ -977,6 +991,8 @@ dest = "/tmp/x.cfg"
         assert!(e.contains("`haproxy.reload_cmd`"), "{e}");
         let e = err(&MINIMAL.replace("\"/tmp/x.cfg\"", "\"/tmp/x.cfg\"\nmode = \"999\""));
         assert!(e.contains("`template[0].mode`"), "{e}");
+        let e = err(&MINIMAL.replace("kind = \"file\"", "kind = \"file\"\nresync = \"0s\""));
+        assert!(e.contains("`source.resync`") && e.contains("zero"), "{e}");
         let e = err(&format!("{MINIMAL}\n[guard]\nmax_drop_percent = 150\n"));
         assert!(e.contains("`guard.max_drop_percent`"), "{e}");
     }
