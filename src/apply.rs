@@ -4,6 +4,7 @@
 //! prove, rename) → reload once when anything changed. When a later step fails, every file this
 //! apply installed is put back, so the set of files on disk stays one consistent generation.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,9 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::guard::Guard;
 use crate::haproxy::install::{self, Check, InstallError, Outcome};
+use crate::haproxy::validate::ValidateError;
 use crate::haproxy::{ApplyKind, Controller, ReloadError, StateSave, runtime};
+use crate::isolate;
 use crate::metrics::Metrics;
 use crate::model::{Registry, Rejection};
 use crate::render::{RenderError, Rendered, Templates};
@@ -42,6 +45,8 @@ pub struct Report {
     pub revision: i64,
     /// Services the guard held at their last applied state.
     pub held: Vec<String>,
+    /// Keys whose changes were left out because they made `haproxy -c` fail.
+    pub held_back: Vec<String>,
     /// Short hash of the rendered bytes of all templates.
     pub hash: String,
     pub changed: Vec<String>,
@@ -167,6 +172,7 @@ impl Applier {
                     kind: ApplyKind::None,
                     revision: update.snapshot.revision,
                     held,
+                    held_back: Vec::new(),
                     hash: String::new(),
                     changed: Vec::new(),
                     duration: started.elapsed(),
@@ -174,52 +180,36 @@ impl Applier {
             }
         }
         let mut registry = decision.registry;
-        let spare = self.config.haproxy.spare_slots as usize;
-        // Try the Runtime API first: keep the slot layout. When the change turns out to need a
-        // reload anyway, regrow the spare slots and render again.
-        let runtime = self.config.haproxy.runtime_updates && self.controller.is_running();
-        self.slots.assign(&mut registry, spare, !runtime);
-        let mut rendered = self.render_registry(update, &registry)?;
-        let mut runtime_cmds = None;
-        if runtime {
-            match self.runtime_plan(&rendered) {
-                Ok(cmds) => runtime_cmds = Some(cmds),
-                Err(why) => {
-                    tracing::debug!(reason = %why, "not a server-only change: reload");
-                    self.slots.assign(&mut registry, spare, true);
-                    rendered = self.render_registry(update, &registry)?;
-                }
-            }
-        }
-        let hash = hash(&rendered);
-        let check = self.check();
-        let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
-        for (i, r) in rendered.iter().enumerate() {
-            let outcome =
-                install::install(&r.template, &r.bytes, r.template.check.then_some(&check))
-                    .await
-                    .map_err(|source| ApplyError::Install {
-                        template: r.template.name.clone(),
-                        source,
-                    });
-            match outcome {
-                Ok(Outcome::Unchanged) => {}
-                Ok(Outcome::Installed { previous }) => installed.push((i, previous)),
+        // Render and install; when `haproxy -c` blames lines that belong to some services only,
+        // put those services back to their last applied state and try again.
+        let mut held_back: Vec<String> = Vec::new();
+        let mut isolated: BTreeSet<String> = BTreeSet::new();
+        let (rendered, installed, runtime_cmds) = loop {
+            let (rendered, runtime_cmds) = self.prepare(update, &mut registry)?;
+            match self.install_all(&rendered).await {
+                Ok(installed) => break (rendered, installed, runtime_cmds),
                 Err(e) => {
-                    if matches!(
-                        e,
-                        ApplyError::Install {
-                            source: InstallError::Invalid(_),
-                            ..
-                        }
-                    ) {
-                        self.metrics.check_failures.inc();
-                    }
-                    restore(&rendered, &installed);
-                    return Err(e);
+                    let names = culprits_of(&e, &rendered, &registry)
+                        .filter(|n| !n.is_empty() && n.is_disjoint(&isolated))
+                        .filter(|_| isolated.len() < MAX_ISOLATED);
+                    let Some(names) = names else { return Err(e) };
+                    let empty = Registry::default();
+                    let last = self.last.as_ref().unwrap_or(&empty);
+                    let (reverted, keys) = isolate::revert(registry, last, &names);
+                    tracing::warn!(
+                        services = ?names,
+                        held_back = ?keys,
+                        error = %e,
+                        "haproxy -c failed on lines of these services only: applying without their changes"
+                    );
+                    registry = reverted;
+                    held_back.extend(keys);
+                    isolated.extend(names);
                 }
             }
-        }
+        };
+        self.metrics.set_held_back(held_back.len() as u64);
+        let hash = hash(&rendered);
         let changed: Vec<String> = installed
             .iter()
             .map(|(i, _)| rendered[*i].template.name.clone())
@@ -245,10 +235,64 @@ impl Applier {
             kind,
             revision: update.snapshot.revision,
             held,
+            held_back,
             hash,
             changed,
             duration: started.elapsed(),
         })
+    }
+
+    /// Assigns slots and renders. With the Runtime API available it first keeps the slot
+    /// layout; when the change needs a reload anyway, spare slots are regrown and the render
+    /// repeated. Returns the render and, for a server-only change, the commands.
+    fn prepare(
+        &mut self,
+        update: &Update,
+        registry: &mut Registry,
+    ) -> Result<(Vec<Rendered>, Option<Vec<runtime::Cmd>>), ApplyError> {
+        let spare = self.config.haproxy.spare_slots as usize;
+        let runtime = self.config.haproxy.runtime_updates && self.controller.is_running();
+        self.slots.assign(registry, spare, !runtime);
+        let rendered = self.render_registry(update, registry)?;
+        if !runtime {
+            return Ok((rendered, None));
+        }
+        match self.runtime_plan(&rendered) {
+            Ok(cmds) => Ok((rendered, Some(cmds))),
+            Err(why) => {
+                tracing::debug!(reason = %why, "not a server-only change: reload");
+                self.slots.assign(registry, spare, true);
+                Ok((self.render_registry(update, registry)?, None))
+            }
+        }
+    }
+
+    /// Installs every rendered file; on failure puts back the ones already installed.
+    async fn install_all(
+        &mut self,
+        rendered: &[Rendered],
+    ) -> Result<Vec<(usize, Option<Vec<u8>>)>, ApplyError> {
+        let check = self.check();
+        let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+        for (i, r) in rendered.iter().enumerate() {
+            let outcome =
+                install::install(&r.template, &r.bytes, r.template.check.then_some(&check)).await;
+            match outcome {
+                Ok(Outcome::Unchanged) => {}
+                Ok(Outcome::Installed { previous }) => installed.push((i, previous)),
+                Err(source) => {
+                    if matches!(source, InstallError::Invalid(_)) {
+                        self.metrics.check_failures.inc();
+                    }
+                    restore(rendered, &installed);
+                    return Err(ApplyError::Install {
+                        template: r.template.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(installed)
     }
 
     fn render_registry(
@@ -340,6 +384,31 @@ impl Applier {
         }
     }
 }
+
+/// The services whose lines `haproxy -c` blamed, when every blamed line belongs to one.
+fn culprits_of(
+    e: &ApplyError,
+    rendered: &[Rendered],
+    registry: &Registry,
+) -> Option<BTreeSet<String>> {
+    let ApplyError::Install {
+        template,
+        source: InstallError::Invalid(ValidateError::Rejected { file, output, .. }),
+    } = e
+    else {
+        return None;
+    };
+    let r = rendered.iter().find(|r| &r.template.name == template)?;
+    let lines = isolate::error_lines(output, file);
+    isolate::culprits(
+        &String::from_utf8_lossy(&r.bytes),
+        &lines,
+        &registry.services,
+    )
+}
+
+/// How many services one apply may isolate before it gives up.
+const MAX_ISOLATED: usize = 16;
 
 /// Puts back the files an apply installed, newest first.
 fn restore(rendered: &[Rendered], installed: &[(usize, Option<Vec<u8>>)]) {

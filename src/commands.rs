@@ -247,6 +247,7 @@ impl Apply for Daemon {
             Ok(r) => tracing::info!(
                 apply.kind = r.kind.as_str(),
                 held = ?r.held,
+                held_back = ?r.held_back,
                 config.hash = %r.hash,
                 changed = ?r.changed,
                 ms = r.duration.as_millis() as u64,

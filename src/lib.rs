@@ -8,6 +8,7 @@
 //! - `render`   — pure: `(Snapshot, Registry) → bytes`, with the confd-equivalent functions
 //! - `haproxy`  — `haproxy -c`, atomic install, master socket, supervised HAProxy, reload command
 //! - `guard`    — the shrink guard: a collapsing registry cannot empty the load balancer
+//! - `isolate`  — one bad registration never freezes the fleet: map haproxy -c errors to services
 //! - `apply`    — one apply: guard → render → install → reload, restoring on failure
 //! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
 //! - `announce` — the presence sidecar: an instance's key under a lease
@@ -21,6 +22,7 @@ pub mod commands;
 pub mod config;
 pub mod guard;
 pub mod haproxy;
+pub mod isolate;
 pub mod metrics;
 pub mod model;
 pub mod reactor;

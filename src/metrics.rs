@@ -32,6 +32,8 @@ pub struct Metrics {
     pub guard_holds: Counter,
     /// Keys left out of the last read.
     rejected_keys: AtomicU64,
+    /// Keys whose changes the last apply held back because they failed `haproxy -c`.
+    held_back_keys: AtomicU64,
     applied_revision: AtomicI64,
 }
 
@@ -49,6 +51,14 @@ impl Metrics {
 
     pub fn set_rejected(&self, n: u64) {
         self.rejected_keys.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_held_back(&self, n: u64) {
+        self.held_back_keys.store(n, Ordering::Relaxed);
+    }
+
+    pub fn held_back(&self) -> u64 {
+        self.held_back_keys.load(Ordering::Relaxed)
     }
 
     pub fn rejected(&self) -> u64 {
