@@ -214,6 +214,7 @@ impl Applier {
             .iter()
             .map(|(i, _)| rendered[*i].template.name.clone())
             .collect();
+        let reload_started = Instant::now();
         let kind = if installed.is_empty() && !self.controller.needs_start() {
             ApplyKind::None
         } else if let Some(cmds) = runtime_cmds.as_ref().filter(|_| !installed.is_empty()) {
@@ -229,7 +230,16 @@ impl Applier {
         } else {
             self.reload(&rendered, &installed).await?
         };
+        if !matches!(kind, ApplyKind::None | ApplyKind::Written) {
+            self.metrics
+                .reload_seconds
+                .observe(reload_started.elapsed().as_secs_f64());
+        }
         self.metrics.applied(kind, update.snapshot.revision);
+        self.metrics.set_held_services(held.len());
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.last = Some(registry);
         Ok(Report {
             kind,
@@ -275,8 +285,14 @@ impl Applier {
         let check = self.check();
         let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
         for (i, r) in rendered.iter().enumerate() {
+            let started = Instant::now();
             let outcome =
                 install::install(&r.template, &r.bytes, r.template.check.then_some(&check)).await;
+            if r.template.check && !matches!(outcome, Ok(Outcome::Unchanged)) {
+                self.metrics
+                    .validate_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
             match outcome {
                 Ok(Outcome::Unchanged) => {}
                 Ok(Outcome::Installed { previous }) => installed.push((i, previous)),
@@ -300,10 +316,18 @@ impl Applier {
         update: &Update,
         registry: &Registry,
     ) -> Result<Vec<Rendered>, ApplyError> {
-        self.templates
+        let started = Instant::now();
+        let result = self
+            .templates
             .render_all(&update.snapshot, registry)
-            .inspect_err(|_| self.metrics.render_failures.inc())
-            .map_err(ApplyError::from)
+            .inspect_err(|_| {
+                self.metrics.render_failures.inc();
+            })
+            .map_err(ApplyError::from);
+        self.metrics
+            .render_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// The Runtime API commands that turn the running config into `rendered`, or why a reload
@@ -338,6 +362,7 @@ impl Applier {
         let state = StateSave {
             runtime_socket: self.config.haproxy.runtime_socket.clone(),
             state_file: self.config.haproxy.state_file.clone(),
+            config: self.config.haproxy_template().map(|t| t.dest.clone()),
         };
         match self.controller.reload(Some(&state)).await {
             Ok(kind) => Ok(kind),

@@ -277,10 +277,13 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
 
     // Source updates become events.
     let (utx, mut urx) = mpsc::channel::<Update>(64);
-    let _source = source::spawn_watch(&config, utx).map_err(|e| Failure::Runtime(e.into()))?;
+    let _source = source::spawn_watch(&config, utx, Arc::clone(&metrics))
+        .map_err(|e| Failure::Runtime(e.into()))?;
     let etx = tx.clone();
+    let source_metrics = Arc::clone(&metrics);
     tokio::spawn(async move {
         while let Some(u) = urx.recv().await {
+            source_metrics.source_update(u.snapshot.kv.len());
             if etx.send(Event::Update(u)).await.is_err() {
                 return;
             }
@@ -324,6 +327,18 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
         }
     });
     drop(tx);
+
+    // The admin endpoint. A port already taken is reported, not fatal: the load balancer
+    // matters more than its metrics.
+    match crate::admin::bind(config.admin.listen).await {
+        Ok(listener) => {
+            tracing::info!(listen = %config.admin.listen, "admin endpoint: /metrics /healthz /readyz");
+            tokio::spawn(crate::admin::serve(listener, Arc::clone(&metrics)));
+        }
+        Err(e) => {
+            tracing::error!(listen = %config.admin.listen, error = %e, "cannot serve the admin endpoint; running without it")
+        }
+    }
 
     tracing::info!(config = %config.origin, "haconfd running");
     let wait = config.wait;

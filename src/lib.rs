@@ -13,8 +13,10 @@
 //! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
 //! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `commands` — the subcommands, with exit codes
-//! - `metrics`  — counters the daemon keeps
+//! - `metrics`  — Prometheus metrics and readiness state
+//! - `admin`    — the admin endpoint: /metrics, /healthz, /readyz
 
+pub mod admin;
 pub mod announce;
 pub mod apply;
 pub mod cli;

@@ -1,71 +1,302 @@
-//! Counters and gauges the daemon keeps. The admin endpoint (a later issue) exposes them in the
-//! Prometheus text format; until then they are logged and read by tests.
+//! What the daemon measures and reports: Prometheus metrics (through `prometheus-client`) and
+//! the state behind `/readyz`. Everything here is cheap to update from any task.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::haproxy::ApplyKind;
 
-/// A monotonically rising count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
-#[derive(Debug, Default)]
+/// Latency buckets from 1 ms to about 16 s.
+fn buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
+}
+
+/// Every metric, plus the readiness state.
+#[derive(Debug)]
 pub struct Metrics {
-    pub applies_none: Counter,
-    pub applies_written: Counter,
-    pub applies_start: Counter,
-    pub applies_reload: Counter,
-    pub applies_runtime: Counter,
-    pub runtime_failures: Counter,
+    applies: Family<KindLabel, Counter>,
     pub render_failures: Counter,
     pub check_failures: Counter,
     pub reload_failures: Counter,
+    pub runtime_failures: Counter,
     pub guard_holds: Counter,
-    /// Keys left out of the last read.
-    rejected_keys: AtomicU64,
-    /// Keys whose changes the last apply held back because they failed `haproxy -c`.
-    held_back_keys: AtomicU64,
-    applied_revision: AtomicI64,
+    pub render_seconds: Histogram,
+    pub validate_seconds: Histogram,
+    pub reload_seconds: Histogram,
+    pub apply_seconds: Histogram,
+    rejected_keys: Gauge,
+    held_back_keys: Gauge,
+    held_services: Gauge,
+    applied_revision: Gauge,
+    watched_keys: Gauge,
+    source_connected: Gauge,
+    last_apply_timestamp: Gauge,
+    /// Readiness: a first apply succeeded.
+    applied_once: AtomicBool,
+    /// When the source last delivered a complete state (ms since the epoch).
+    last_update_ms: AtomicU64,
+    /// Why the source is not connected, if it is not.
+    source_problem: Mutex<Option<String>>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            applies: Family::default(),
+            render_failures: Counter::default(),
+            check_failures: Counter::default(),
+            reload_failures: Counter::default(),
+            runtime_failures: Counter::default(),
+            guard_holds: Counter::default(),
+            render_seconds: Histogram::new(buckets()),
+            validate_seconds: Histogram::new(buckets()),
+            reload_seconds: Histogram::new(buckets()),
+            apply_seconds: Histogram::new(buckets()),
+            rejected_keys: Gauge::default(),
+            held_back_keys: Gauge::default(),
+            held_services: Gauge::default(),
+            applied_revision: Gauge::default(),
+            watched_keys: Gauge::default(),
+            source_connected: Gauge::default(),
+            last_apply_timestamp: Gauge::default(),
+            applied_once: AtomicBool::new(false),
+            last_update_ms: AtomicU64::new(0),
+            source_problem: Mutex::new(None),
+            registry: Registry::with_prefix("haconfd"),
+        };
+        m.register()
+    }
 }
 
 impl Metrics {
-    pub fn applied(&self, kind: ApplyKind, revision: i64) {
-        match kind {
-            ApplyKind::None => self.applies_none.inc(),
-            ApplyKind::Written => self.applies_written.inc(),
-            ApplyKind::Start => self.applies_start.inc(),
-            ApplyKind::Reload => self.applies_reload.inc(),
-            ApplyKind::Runtime => self.applies_runtime.inc(),
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "applies",
+            "Applies by kind: none, written, start, runtime (Runtime API, no reload), reload",
+            self.applies.clone(),
+        );
+        r.register(
+            "render_failures",
+            "Renders that failed (template errors, structural check)",
+            self.render_failures.clone(),
+        );
+        r.register(
+            "check_failures",
+            "Candidate files that haproxy -c rejected",
+            self.check_failures.clone(),
+        );
+        r.register(
+            "reload_failures",
+            "Reloads that were not confirmed or failed to load; previous files restored",
+            self.reload_failures.clone(),
+        );
+        r.register(
+            "runtime_failures",
+            "Runtime API changes refused, followed by a reload",
+            self.runtime_failures.clone(),
+        );
+        r.register(
+            "guard_holds",
+            "Applies in which the shrink guard held at least one service",
+            self.guard_holds.clone(),
+        );
+        r.register(
+            "render_seconds",
+            "Time to parse and render all templates",
+            self.render_seconds.clone(),
+        );
+        r.register(
+            "validate_seconds",
+            "Time haproxy -c took",
+            self.validate_seconds.clone(),
+        );
+        r.register(
+            "reload_seconds",
+            "Time from reload request to confirmation (or Runtime API commands)",
+            self.reload_seconds.clone(),
+        );
+        r.register(
+            "apply_seconds",
+            "Time of a whole apply",
+            self.apply_seconds.clone(),
+        );
+        r.register(
+            "rejected_keys",
+            "Keys left out of the last read because they failed the screen or the typed parse",
+            self.rejected_keys.clone(),
+        );
+        r.register(
+            "held_back_keys",
+            "Keys whose changes the last apply held back because they failed haproxy -c",
+            self.held_back_keys.clone(),
+        );
+        r.register(
+            "guard_held_services",
+            "Services the shrink guard holds at their last applied state",
+            self.held_services.clone(),
+        );
+        r.register(
+            "applied_revision",
+            "Source revision of the last successful apply",
+            self.applied_revision.clone(),
+        );
+        r.register(
+            "watched_keys",
+            "Keys in the last complete state from the source",
+            self.watched_keys.clone(),
+        );
+        r.register(
+            "source_connected",
+            "1 while the source is connected (always 1 for the file source once read)",
+            self.source_connected.clone(),
+        );
+        r.register(
+            "last_apply_timestamp_seconds",
+            "Unix time of the last successful apply",
+            self.last_apply_timestamp.clone(),
+        );
+        self
+    }
+
+    /// The Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
         }
-        self.applied_revision.store(revision, Ordering::Relaxed);
+        out
+    }
+
+    pub fn applied(&self, kind: ApplyKind, revision: i64) {
+        self.applies
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+        self.applied_revision.set(revision);
+        self.last_apply_timestamp.set(unix_seconds() as i64);
+        self.applied_once.store(true, Ordering::Relaxed);
     }
 
     pub fn set_rejected(&self, n: u64) {
-        self.rejected_keys.store(n, Ordering::Relaxed);
-    }
-
-    pub fn set_held_back(&self, n: u64) {
-        self.held_back_keys.store(n, Ordering::Relaxed);
-    }
-
-    pub fn held_back(&self) -> u64 {
-        self.held_back_keys.load(Ordering::Relaxed)
+        self.rejected_keys.set(n as i64);
     }
 
     pub fn rejected(&self) -> u64 {
-        self.rejected_keys.load(Ordering::Relaxed)
+        self.rejected_keys.get().max(0) as u64
+    }
+
+    pub fn set_held_back(&self, n: u64) {
+        self.held_back_keys.set(n as i64);
+    }
+
+    pub fn held_back(&self) -> u64 {
+        self.held_back_keys.get().max(0) as u64
+    }
+
+    pub fn set_held_services(&self, n: usize) {
+        self.held_services.set(n as i64);
     }
 
     pub fn applied_revision(&self) -> i64 {
-        self.applied_revision.load(Ordering::Relaxed)
+        self.applied_revision.get()
+    }
+
+    /// The source delivered a complete state of `keys` keys.
+    pub fn source_update(&self, keys: usize) {
+        self.watched_keys.set(keys as i64);
+        self.last_update_ms
+            .store((unix_seconds() * 1000.0) as u64, Ordering::Relaxed);
+        self.source_ok();
+    }
+
+    /// The source is connected (etcd answered).
+    pub fn source_ok(&self) {
+        self.source_connected.set(1);
+        if let Ok(mut p) = self.source_problem.lock() {
+            *p = None;
+        }
+    }
+
+    /// The source is not connected, and why.
+    pub fn source_down(&self, why: &str) {
+        self.source_connected.set(0);
+        if let Ok(mut p) = self.source_problem.lock() {
+            *p = Some(why.to_owned());
+        }
+    }
+
+    /// `Ok` when ready; otherwise a short reason. Ready means: a first apply succeeded and the
+    /// source is connected.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.applied_once.load(Ordering::Relaxed) {
+            return Err("no successful apply yet".into());
+        }
+        if self.source_connected.get() == 0 {
+            let why = self
+                .source_problem
+                .lock()
+                .ok()
+                .and_then(|p| p.clone())
+                .unwrap_or_else(|| "source not connected".into());
+            return Err(format!("source not connected: {why}"));
+        }
+        Ok(())
+    }
+
+    /// How long since the source last delivered a complete state, if ever.
+    pub fn since_update(&self) -> Option<Duration> {
+        let ms = self.last_update_ms.load(Ordering::Relaxed);
+        (ms > 0)
+            .then(|| Duration::from_millis(((unix_seconds() * 1000.0) as u64).saturating_sub(ms)))
+    }
+}
+
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_prometheus_text_and_tracks_readiness() {
+        let m = Metrics::default();
+        assert!(m.readiness().is_err());
+        m.source_update(3);
+        m.applied(ApplyKind::Reload, 42);
+        m.check_failures.inc();
+        assert_eq!(m.readiness(), Ok(()));
+        let text = m.encode();
+        assert!(
+            text.contains("haconfd_applies_total{kind=\"reload\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("haconfd_applied_revision 42"), "{text}");
+        assert!(text.contains("haconfd_check_failures_total 1"), "{text}");
+        assert!(text.contains("haconfd_watched_keys 3"), "{text}");
+        m.source_down("etcd unreachable");
+        assert_eq!(
+            m.readiness(),
+            Err("source not connected: etcd unreachable".into())
+        );
     }
 }

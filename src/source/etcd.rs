@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
@@ -35,10 +36,11 @@ use tokio::task::JoinHandle;
 
 use super::{SourceError, Update};
 use crate::config::{Config, EtcdConfig, SourceKind};
+use crate::metrics::Metrics;
 
 /// HTTP/2 keep-alive: a ping every 2 s, a connection without an answer for 2 s is dead.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the watch asks etcd for a progress answer. etcd (gRPC's server keep-alive policy,
 /// `--grpc-keepalive-min-time` 5 s by default) closes a connection with GOAWAY
 /// "too_many_pings" when pings come more often than that while it sends nothing: an idle watch
@@ -54,7 +56,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Refused credentials are not retried faster than this.
-const BACKOFF_AUTH_MIN: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_AUTH_MIN: Duration = Duration::from_secs(1);
 /// A watch that ran this long counts as healthy: the next failure starts the backoff again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Floors for durations the config accepts down to zero: a zero dial timeout would fail every
@@ -72,7 +74,7 @@ const CODE_UNAUTHENTICATED: i32 = 16;
 
 /// What went wrong talking to etcd, sorted by what to do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// Down, unreachable, hung, or a stream broke: retry with backoff.
     Unavailable,
     /// Credentials refused or permission denied: retry slowly, log at error.
@@ -84,13 +86,13 @@ enum Kind {
 }
 
 #[derive(Debug)]
-struct Failure {
-    kind: Kind,
+pub(crate) struct Failure {
+    pub(crate) kind: Kind,
     message: String,
 }
 
 impl Failure {
-    fn new(kind: Kind, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(kind: Kind, message: impl Into<String>) -> Failure {
         Failure {
             kind,
             message: message.into(),
@@ -99,7 +101,7 @@ impl Failure {
 
     /// Classifies an etcd-client error; `what` says what was being done, `user` names the
     /// configured user (never the password) in auth errors.
-    fn from_etcd(what: &str, e: &etcd_client::Error, user: Option<&str>) -> Failure {
+    pub(crate) fn from_etcd(what: &str, e: &etcd_client::Error, user: Option<&str>) -> Failure {
         use etcd_client::Error as E;
         let who = match user {
             Some(u) => format!("user {u:?}"),
@@ -158,7 +160,7 @@ impl Failure {
         }
     }
 
-    fn timeout(what: &str, after: Duration) -> Failure {
+    pub(crate) fn timeout(what: &str, after: Duration) -> Failure {
         Failure::new(
             Kind::Unavailable,
             format!("{what}: no answer within {after:?} (etcd down, hung or unreachable)"),
@@ -222,7 +224,7 @@ fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, Failure> {
     })
 }
 
-fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Failure> {
+pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Failure> {
     let mut options = ConnectOptions::new()
         .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
         .with_keep_alive_while_idle(true)
@@ -260,14 +262,21 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, Failure> {
     Ok(options)
 }
 
-fn dial_timeout(config: &EtcdConfig) -> Duration {
+pub(crate) fn dial_timeout(config: &EtcdConfig) -> Duration {
     config.dial_timeout.max(MIN_DIAL_TIMEOUT)
 }
 
 /// Connects and proves the connection with `status()`. Returns the client and etcd's current
 /// revision.
 async fn connect(config: &EtcdConfig) -> Result<(Client, i64), Failure> {
-    let options = connect_options(config)?;
+    connect_with(config, connect_options(config)?).await
+}
+
+/// [`connect`] with options built by the caller from [`connect_options`].
+pub(crate) async fn connect_with(
+    config: &EtcdConfig,
+    options: ConnectOptions,
+) -> Result<(Client, i64), Failure> {
     let user = config.username.as_deref();
     // With credentials, connect authenticates: that is a call that can hang.
     let deadline = dial_timeout(config) + KEEP_ALIVE_TIMEOUT;
@@ -370,7 +379,11 @@ pub async fn read_once(
 
 /// Reads, sends the first [`Update`], then watches and sends a complete update after every
 /// change; retries with backoff forever. Ends when the receiver is dropped.
-pub fn spawn_watch(config: &Config, tx: mpsc::Sender<Update>) -> JoinHandle<()> {
+pub fn spawn_watch(
+    config: &Config,
+    tx: mpsc::Sender<Update>,
+    metrics: Arc<Metrics>,
+) -> JoinHandle<()> {
     let etcd = match &config.source.kind {
         SourceKind::Etcd(e) => e.clone(),
         SourceKind::File(_) => {
@@ -394,6 +407,7 @@ pub fn spawn_watch(config: &Config, tx: mpsc::Sender<Update>) -> JoinHandle<()> 
         down_since: None,
         failures: 0,
         watch_announced: false,
+        metrics,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -442,6 +456,8 @@ struct Watcher {
     /// "etcd watch running" was logged at info since the last failure (a watch restarted by
     /// the periodic re-read is only logged at debug).
     watch_announced: bool,
+    /// Connection state for `/readyz` and `haconfd_source_connected`.
+    metrics: Arc<Metrics>,
 }
 
 impl Watcher {
@@ -528,6 +544,7 @@ impl Watcher {
     /// Logs a failure with how long etcd has been failing, then waits the backoff.
     async fn failed(&mut self, f: Failure, what: &str) {
         self.watch_announced = false;
+        self.metrics.source_down(what);
         let since = *self.down_since.get_or_insert_with(Instant::now);
         self.failures += 1;
         let floor = if f.kind == Kind::Auth {
@@ -555,6 +572,7 @@ impl Watcher {
 
     /// Called when etcd answered a full read or a watch was created.
     fn recovered(&mut self) {
+        self.metrics.source_ok();
         if let Some(since) = self.down_since.take() {
             tracing::info!(
                 down_for = %humantime::format_duration(Duration::from_millis(since.elapsed().as_millis() as u64)),
@@ -834,13 +852,13 @@ fn differing_keys(watched: &RawState, read: &RawState, watch_revision: i64) -> u
 }
 
 /// Exponential backoff with ±20 % jitter from a tiny xorshift generator.
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     rng: u64,
 }
 
 impl Backoff {
-    fn new() -> Backoff {
+    pub(crate) fn new() -> Backoff {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -852,12 +870,12 @@ impl Backoff {
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = BACKOFF_MIN;
     }
 
     /// The delay before the next attempt, at least `floor`; doubles the next one.
-    fn next(&mut self, floor: Duration) -> Duration {
+    pub(crate) fn next(&mut self, floor: Duration) -> Duration {
         let base = self.next.max(floor).min(BACKOFF_MAX);
         self.next = (base * 2).min(BACKOFF_MAX);
         // xorshift64*

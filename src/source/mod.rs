@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, SourceKind};
+use crate::metrics::Metrics;
 use crate::model::{Rejection, Snapshot};
 
 /// A failure to read a source. Runtime failures are logged and survived by `run`.
@@ -80,10 +81,11 @@ fn read_file(config: &Config, revision: i64) -> Result<Update, SourceError> {
 pub fn spawn_watch(
     config: &Config,
     tx: mpsc::Sender<Update>,
+    metrics: Arc<Metrics>,
 ) -> Result<tokio::task::JoinHandle<()>, SourceError> {
     let f = match &config.source.kind {
         SourceKind::File(f) => f,
-        SourceKind::Etcd(_) => return Ok(etcd::spawn_watch(config, tx)),
+        SourceKind::Etcd(_) => return Ok(etcd::spawn_watch(config, tx, metrics)),
     };
     // Watch before the first read, so that a change between the two is not missed.
     let (watcher, mut changes) = file::FileWatcher::start(std::slice::from_ref(&f.path))?;
@@ -103,6 +105,7 @@ pub fn spawn_watch(
                     }
                 }
                 Err(e) => {
+                    metrics.source_down("registry file unreadable");
                     tracing::warn!(error = %e, "registry file unreadable; keeping the last good state")
                 }
             }
