@@ -171,8 +171,22 @@ async fn finish(
 /// Writes the file being replaced to `<dest>.prev`, atomically, so that an operator (and a
 /// failed reload) can go back to it.
 fn keep_previous(dest: &Path, prev: &[u8]) -> Result<(), InstallError> {
-    let staged = stage(dest, prev)?;
     let target = prev_path(dest);
+    // The installed file is the previous one: a hard link keeps it without writing or syncing
+    // a byte (the directory fsync after the main rename covers the new name).
+    let link = sibling(
+        dest,
+        ".",
+        &format!(".haconfd-{}-prev.tmp", std::process::id()),
+    );
+    let _ = fs::remove_file(&link);
+    if fs::hard_link(dest, &link).is_ok() {
+        if fs::rename(&link, &target).is_ok() {
+            return Ok(());
+        }
+        let _ = fs::remove_file(&link);
+    }
+    let staged = stage(dest, prev)?;
     let r = fs::rename(&staged, &target).map_err(io("cannot keep the previous file as", &target));
     if r.is_err() {
         let _ = fs::remove_file(&staged);
