@@ -31,6 +31,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the announce variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The daemon: watch the source, render, validate, install, reload.
@@ -90,4 +92,31 @@ pub struct AnnounceArgs {
     /// etcd endpoint(s), overriding the config's [etcd] endpoints.
     #[arg(long = "etcd", value_name = "URL")]
     pub etcd: Vec<String>,
+    /// Time between two health checks (with --check).
+    #[arg(long, default_value = "2s")]
+    pub check_interval: String,
+    /// Consecutive passing checks that put a removed key back.
+    #[arg(long, default_value_t = 2)]
+    pub rise: u32,
+    /// Consecutive failing checks that remove the key.
+    #[arg(long, default_value_t = 3)]
+    pub fall: u32,
+    /// Docker container whose published port is announced (read from the Docker Engine API);
+    /// the host is --addr HOST (no port) or --docker-host-ip.
+    #[arg(long, value_name = "NAME", requires = "container_port")]
+    pub docker_container: Option<String>,
+    /// The container's port whose host binding is announced, like 8080/tcp.
+    #[arg(long, value_name = "PORT/PROTO", requires = "docker_container")]
+    pub container_port: Option<String>,
+    /// The Docker Engine API socket.
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+    /// The host address announced with the discovered port; default 127.0.0.1.
+    #[arg(
+        long,
+        value_name = "IP",
+        requires = "docker_container",
+        conflicts_with = "addr"
+    )]
+    pub docker_host_ip: Option<String>,
 }
