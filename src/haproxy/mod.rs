@@ -101,6 +101,7 @@ impl Controller {
                         .map(|t| t.dest.clone())
                         .unwrap_or_default(),
                     stop_grace: Duration::from_secs(35),
+                    state_file: Some(h.state_file.clone()),
                 },
                 timeout: h.reload_timeout,
                 running: None,
@@ -196,6 +197,8 @@ impl Controller {
 pub struct StateSave {
     pub runtime_socket: PathBuf,
     pub state_file: PathBuf,
+    /// The file HAProxy is about to load: servers it changes are left out of the saved state.
+    pub config: Option<PathBuf>,
 }
 
 /// Saves server state; a failure is logged, not fatal: the reload still happens, with state
@@ -213,6 +216,13 @@ async fn save_state(state: Option<&StateSave>) {
         )
         .await
         .map_err(|e| e.to_string())?;
+        let text = match &s.config {
+            Some(cfg) => {
+                let cfg = std::fs::read(cfg).map_err(|e| e.to_string())?;
+                runtime::filter_state(&text, &String::from_utf8_lossy(&cfg))
+            }
+            None => text,
+        };
         let staged = install::stage(&s.state_file, text.as_bytes()).map_err(|e| e.to_string())?;
         std::fs::rename(&staged, &s.state_file).map_err(|e| {
             let _ = std::fs::remove_file(&staged);
@@ -221,6 +231,8 @@ async fn save_state(state: Option<&StateSave>) {
     }
     .await;
     if let Err(e) = result {
+        // A stale state would restore old ports and states over the new config's.
+        let _ = std::fs::remove_file(&s.state_file);
         tracing::warn!(error = %e, file = %s.state_file.display(), "cannot save server state before reload");
     }
 }

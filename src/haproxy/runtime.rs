@@ -195,6 +195,76 @@ pub fn plan(old: &str, new: &str) -> Result<Vec<Cmd>, NeedsReload> {
     Ok(cmds)
 }
 
+/// The `show servers state` text to save before a reload of `new_cfg`, without the servers
+/// that `new_cfg` changes.
+///
+/// HAProxy 2.6 restores a server's port from the state file over the config's, and its user
+/// weight (when the config weight is unchanged) and forced maintenance too. A slot whose
+/// address, port, weight or `disabled` changes in the same apply as a reload (exhausted spare
+/// slots, a new route together with a moved instance) would come back with its old values and
+/// disagree with the file. Those lines are dropped, so that those servers start from the config;
+/// every other server keeps its health and state.
+pub fn filter_state(state: &str, new_cfg: &str) -> String {
+    let mut wanted = std::collections::HashMap::new();
+    let mut backend: Option<&str> = None;
+    for line in new_cfg.lines() {
+        let words: Vec<&str> = line
+            .split_whitespace()
+            .take_while(|w| !w.starts_with('#'))
+            .collect();
+        if !line.starts_with(char::is_whitespace) {
+            backend = match words[..] {
+                ["backend", name] => Some(name),
+                _ => None,
+            };
+            continue;
+        }
+        let (Some(be), ["server", name, addr, rest @ ..]) = (backend, &words[..]) else {
+            continue;
+        };
+        let (host, port) = match addr.strip_prefix('[') {
+            Some(v6) => v6.split_once("]:").unwrap_or((v6, "")),
+            None => addr.rsplit_once(':').unwrap_or((addr, "")),
+        };
+        let weight = rest
+            .iter()
+            .position(|w| *w == "weight")
+            .and_then(|i| rest.get(i + 1));
+        wanted.insert(
+            (be, *name),
+            (
+                host.parse::<IpAddr>().ok(),
+                port.to_owned(),
+                weight.map_or("1", |w| w),
+                rest.contains(&"disabled"),
+            ),
+        );
+    }
+    let mut out = String::with_capacity(state.len());
+    for line in state.lines() {
+        // be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight
+        // srv_iweight … srv_port (field 18)
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let keep = line.starts_with('#')
+            || f.len() < 19
+            || wanted
+                .get(&(f[1], f[3]))
+                .is_none_or(|(ip, port, weight, disabled)| {
+                    // In maintenance: FMAINT, IMAINT or RMAINT (SRV_ADMF_MAINT, 0x23).
+                    let maint = f[6].parse::<u32>().is_ok_and(|a| a & 0x23 != 0);
+                    ip.is_none_or(|ip| f[4].parse::<IpAddr>().ok() == Some(ip))
+                        && f[18] == port
+                        && f[7] == *weight
+                        && maint == *disabled
+                });
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("runtime socket {path}: {source}")]
@@ -365,6 +435,47 @@ backend be_api
         ] {
             assert!(plan(OLD, &new).is_err(), "should reload:\n{new}");
         }
+    }
+
+    #[test]
+    fn saved_state_drops_the_servers_the_new_config_changes() {
+        let head = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n";
+        let line = |srv: &str, addr: &str, admin: u32, uweight: u32, port: u16| {
+            format!(
+                "3 be_web 1 {srv} {addr} 2 {admin} {uweight} 100 5 6 3 4 6 0 0 0 - {port} - 0 0 - - 0\n"
+            )
+        };
+        let state = format!(
+            "{head}{}{}{}{}{}",
+            // srv1 runs as the file says: kept (CMAINT alone is not maintenance).
+            line("srv1", "127.0.0.1", 4, 100, 8001),
+            // srv2 was a free slot; the new file puts an instance there: dropped.
+            line("srv2", "127.0.0.1", 5, 1, 1),
+            // srv3 runs at weight 50; the new file says 100: dropped.
+            line("srv3", "127.0.0.1", 0, 50, 8003),
+            // srv4 forced into maintenance; the new file makes it ready: dropped.
+            line("srv4", "127.0.0.1", 1, 100, 8004),
+            // srv5 is not in the new file: kept (HAProxy ignores it).
+            line("srv5", "127.0.0.1", 0, 100, 8005),
+        );
+        let cfg = "backend be_web\n    balance roundrobin\n    \
+                   server srv1 127.0.0.1:8001 weight 100  # a\n    \
+                   server srv2 127.0.0.1:8002 weight 100  # b\n    \
+                   server srv3 127.0.0.1:8003 weight 100  # c\n    \
+                   server srv4 127.0.0.1:8004 weight 100  # d\n";
+        let kept = filter_state(&state, cfg);
+        let names: Vec<&str> = kept
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .collect();
+        assert_eq!(names, ["srv1", "srv5"], "{kept}");
+        assert!(kept.starts_with(head), "{kept}");
+        // Another backend of the same name in another file does not match.
+        assert_eq!(
+            filter_state(&state, "backend be_api\n    server srv2 127.0.0.1:1\n"),
+            state
+        );
     }
 
     #[test]

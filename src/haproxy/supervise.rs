@@ -22,6 +22,9 @@ pub struct Spec {
     pub config: PathBuf,
     /// How long a soft stop may take before the master is killed.
     pub stop_grace: Duration,
+    /// The server state file: removed before each start, because what it holds was saved from
+    /// an HAProxy that is gone, and HAProxy would restore its ports and states over the config.
+    pub state_file: Option<PathBuf>,
 }
 
 /// A running, supervised HAProxy master.
@@ -36,6 +39,9 @@ fn spawn(spec: &Spec) -> std::io::Result<Child> {
     }
     // A stale socket file from a previous run would make `-S` fail to bind.
     let _ = std::fs::remove_file(&spec.master_socket);
+    if let Some(state) = &spec.state_file {
+        let _ = std::fs::remove_file(state);
+    }
     let mut sock = spec.master_socket.clone().into_os_string();
     sock.push(",mode,600");
     Command::new(&spec.binary)
