@@ -1,0 +1,637 @@
+//! HAProxy control against a real HAProxy that `haconfd run` supervises (file source, local HTTP
+//! backends, everything on 127.0.0.1 in a temp dir of its own):
+//!
+//! - a structural change is exactly one confirmed reload, and the new worker serves it;
+//! - a config that passes `haproxy -c` but cannot start (a port already in use) is a failed
+//!   reload: the previous file is restored byte for byte, the old worker keeps serving, and the
+//!   next good change applies;
+//! - server-only changes go through the Runtime API with no reload, and disk and the running
+//!   HAProxy agree server by server;
+//! - a killed master is restarted, and SIGTERM stops HAProxy and leaves no zombie behind;
+//! - exhausting the spare slots falls back to one reload that regrows them.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use common::haproxy::{
+    Backend, Daemon, Opts, PidGuard, Workspace, cli_command, http_get, master_pid, pid_alive,
+    serves, signal,
+};
+use common::wait_for;
+use haconfd::haproxy::master::{ProcInfo, parse_show_proc};
+use nix::sys::signal::Signal;
+
+/// Generous bounds: they only cap a failing test, a passing test never waits them out.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// `spare_slots` in the workspace config (tests/common/haproxy.rs).
+const SPARE: usize = 2;
+
+/// One registry instance: id and YAML value (an address, or a JSON object in quotes).
+type Inst = (&'static str, String);
+
+/// A registry file with these services, plus raw YAML appended (other prefixes).
+fn registry(services: &[(&str, &[Inst])], extra: &str) -> String {
+    let mut text = String::from("services:\n");
+    for (name, instances) in services {
+        text.push_str(&format!("  {name}:\n"));
+        for (id, value) in *instances {
+            text.push_str(&format!("    {id}: {value}\n"));
+        }
+    }
+    text.push_str(extra);
+    text
+}
+
+/// An instance at a backend, as a plain address.
+fn at(id: &'static str, b: &Backend) -> Inst {
+    (id, format!("\"127.0.0.1:{}\"", b.port))
+}
+
+/// An instance at a backend with a weight and a state.
+fn with(id: &'static str, b: &Backend, weight: u16, state: &str) -> Inst {
+    (
+        id,
+        format!(
+            "'{{\"addr\":\"127.0.0.1:{}\",\"weight\":{weight},\"state\":\"{state}\"}}'",
+            b.port
+        ),
+    )
+}
+
+/// A `haconfd run` in supervise mode over a workspace, with the HAProxy masters it started
+/// ended by PID if the test fails before haconfd stopped them.
+struct Lb {
+    // Field order is drop order: haconfd first (it stops HAProxy), then the guards.
+    daemon: Daemon,
+    masters: Vec<PidGuard>,
+    ws: Workspace,
+}
+
+impl Lb {
+    fn start(ws: Workspace, registry_text: &str, opts: Opts) -> Lb {
+        ws.write_registry(registry_text);
+        ws.write_config(&Opts {
+            mode: "supervise",
+            ..opts
+        });
+        let daemon = ws.spawn_run();
+        let mut lb = Lb {
+            daemon,
+            masters: Vec::new(),
+            ws,
+        };
+        let info = wait_for(SETTLE, "HAProxy started by haconfd", || {
+            lb.proc().filter(|p| p.workers > 0)
+        });
+        lb.masters.push(PidGuard(Some(info.master_pid)));
+        wait_for(SETTLE, "the first apply in the log", || {
+            (lb.applied("start") == 1).then_some(())
+        });
+        lb
+    }
+
+    fn port(&self) -> u16 {
+        self.ws.bind_port
+    }
+
+    fn runtime_socket(&self) -> std::path::PathBuf {
+        self.ws.path("run/admin.sock")
+    }
+
+    /// `show proc` on the master socket, parsed.
+    fn proc(&self) -> Option<ProcInfo> {
+        parse_show_proc(&cli_command(&self.ws.master_socket(), "show proc")?)
+    }
+
+    /// The worker PIDs `show proc` lists, newest first.
+    fn workers(&self) -> Vec<u32> {
+        let Some(text) = cli_command(&self.ws.master_socket(), "show proc") else {
+            return Vec::new();
+        };
+        let mut in_workers = false;
+        let mut pids = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') {
+                in_workers = line.contains("workers");
+                continue;
+            }
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if in_workers && f.get(1) == Some(&"worker") {
+                pids.extend(f.first().and_then(|p| p.parse::<u32>().ok()));
+            }
+        }
+        pids
+    }
+
+    fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    /// How many applies of this kind the log reports (`apply.kind="reload"`, …).
+    fn applied(&self, kind: &str) -> usize {
+        let needle = format!("apply.kind=\"{kind}\"");
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" applied ") && l.contains(&needle))
+            .count()
+    }
+
+    /// How many applies failed.
+    fn failed_applies(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("apply failed"))
+            .count()
+    }
+
+    /// Waits until the log reports `n` applies of `kind`, and panics if another kind of apply
+    /// shows up first (a reload where none was wanted, say).
+    fn wait_applied(&self, kind: &str, n: usize) {
+        wait_for(SETTLE, &format!("apply #{n} of kind {kind:?}"), || {
+            (self.applied(kind) >= n).then_some(())
+        });
+    }
+
+    /// Waits until a request with `Host: host` is answered by the backend named `body`.
+    fn reach(&self, host: &str, body: &str) {
+        wait_for(SETTLE, &format!("Host {host} to reach {body}"), || {
+            http_get(self.port(), host, "/")
+                .ok()
+                .filter(|r| r.status == 200 && r.body == body)
+        });
+    }
+
+    /// Sends `n` requests with `Host: host` and returns the bodies; every one must be a 200.
+    fn bodies(&self, host: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let r = http_get(self.port(), host, "/")
+                    .unwrap_or_else(|e| panic!("request {i} to {host} failed: {e}"));
+                assert_eq!(r.status, 200, "request {i} to {host}: {r:?}");
+                r.body
+            })
+            .collect()
+    }
+
+    fn dest(&self) -> String {
+        self.ws.dest_text().expect("dest is installed")
+    }
+
+    /// Disk and the running HAProxy agree on every server line of `backend`: address, port,
+    /// weight, and maintenance (`disabled`).
+    fn assert_agree(&self, backend: &str) {
+        let disk = file_servers(&self.dest(), backend);
+        assert!(!disk.is_empty(), "no server lines for {backend}");
+        let live = runtime_servers(&self.runtime_socket(), backend);
+        assert_eq!(
+            live,
+            disk,
+            "the running HAProxy and the file disagree on {backend}\n{}",
+            self.dest()
+        );
+    }
+}
+
+/// One server as the file and the runtime socket describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Srv {
+    name: String,
+    addr: String,
+    weight: u32,
+    maint: bool,
+}
+
+/// The `server` lines of `backend` in a rendered file (`weight` defaults to 1 as in HAProxy).
+fn file_servers(cfg: &str, backend: &str) -> Vec<Srv> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in cfg.lines() {
+        if !line.starts_with(char::is_whitespace) && !line.is_empty() {
+            inside = line.split_whitespace().collect::<Vec<_>>() == ["backend", backend];
+            continue;
+        }
+        let words: Vec<&str> = line
+            .split_whitespace()
+            .take_while(|w| !w.starts_with('#'))
+            .collect();
+        if !inside || words.first() != Some(&"server") {
+            continue;
+        }
+        let weight = words
+            .iter()
+            .position(|w| *w == "weight")
+            .and_then(|i| words.get(i + 1)?.parse().ok())
+            .unwrap_or(1);
+        out.push(Srv {
+            name: words[1].to_owned(),
+            addr: words[2].to_owned(),
+            weight,
+            maint: words.contains(&"disabled"),
+        });
+    }
+    out
+}
+
+/// The servers of `backend` as the running HAProxy has them (`show servers state`).
+fn runtime_servers(socket: &Path, backend: &str) -> Vec<Srv> {
+    let text =
+        cli_command(socket, &format!("show servers state {backend}")).expect("show servers state");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            // be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight
+            // srv_iweight … (18) srv_port
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 19 || f[1] != backend {
+                return None;
+            }
+            let admin: u32 = f[6].parse().ok()?;
+            Some(Srv {
+                name: f[3].to_owned(),
+                addr: format!("{}:{}", f[4], f[18]),
+                weight: f[7].parse().ok()?,
+                // In maintenance: FMAINT 0x01, IMAINT 0x02, RMAINT 0x20 (SRV_ADMF_MAINT).
+                // CMAINT 0x04 only records that the config said `disabled`: it stays after
+                // `set server … state ready`, and the server serves.
+                maint: admin & 0x23 != 0,
+            })
+        })
+        .collect()
+}
+
+/// Processes in state Z whose parent is `ppid`.
+fn zombie_children(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if field("PPid:").as_deref() == Some(&ppid.to_string())
+            && field("State:").is_some_and(|s| s.starts_with('Z'))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `/proc/<pid>` is a zombie.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("State:"))
+                .map(|v| v.trim().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn supervise() -> Opts {
+    Opts {
+        mode: "supervise",
+        ..Opts::default()
+    }
+}
+
+#[test]
+fn a_structural_change_is_one_confirmed_reload_and_the_new_worker_serves_it() {
+    let a = Backend::start("backend-A");
+    let b = Backend::start("backend-B");
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &[at("a", &a)])], ""),
+        supervise(),
+    );
+    lb.reach("web", "backend-A");
+    let before = lb.proc().expect("show proc");
+    assert_eq!(before.failed, 0);
+    let old_workers = lb.workers();
+    assert!(!old_workers.is_empty());
+
+    // A new service is a new backend and new acl lines: a reload.
+    lb.ws.write_registry(registry(
+        &[("web", &[at("a", &a)]), ("api", &[at("b", &b)])],
+        "",
+    ));
+    lb.wait_applied("reload", 1);
+    let after = lb.proc().expect("show proc after the reload");
+    assert_eq!(after.reloads, before.reloads + 1, "{}", lb.log());
+    assert_eq!(after.failed, 0);
+    assert_eq!(after.master_pid, before.master_pid);
+    // The newest worker is new, and it serves the new config (the old one stopped listening).
+    let newest = lb.workers()[0];
+    assert!(!old_workers.contains(&newest), "no new worker: {newest}");
+    lb.reach("api", "backend-B");
+    assert!(lb.bodies("web", 4).iter().all(|b| b == "backend-A"));
+    assert_eq!(lb.applied("runtime"), 0);
+    assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
+
+    // The old worker leaves once it has no connection left.
+    wait_for(SETTLE, "the old workers to exit", || {
+        old_workers.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
+
+/// The default template plus a frontend bound to `/extra/port` when that key exists: valid for
+/// `haproxy -c`, which does not bind, and fatal to a reload when the port is taken.
+fn template_with_extra_bind() -> String {
+    let mut t = Workspace::default_template();
+    if !t.ends_with('\n') {
+        t.push('\n');
+    }
+    t.push_str(
+        "{% if exists(key=\"/extra/port\") %}\n\
+         frontend fe_extra\n    \
+         bind 127.0.0.1:{{ getv(key=\"/extra/port\") }}\n    \
+         default_backend _no_route\n\
+         {% endif %}\n",
+    );
+    t
+}
+
+#[test]
+fn a_reload_that_cannot_bind_restores_the_file_and_the_old_worker_keeps_serving() {
+    let a = Backend::start("backend-A");
+    let b = Backend::start("backend-B");
+    // The port HAProxy will be asked to bind, held here (no SO_REUSEPORT: the bind fails).
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+
+    let mut ws = Workspace::new("yaml");
+    ws.set_template(&template_with_extra_bind());
+    let opts = Opts {
+        prefixes: &["/services/", "/routes/", "/extra/"],
+        ..supervise()
+    };
+    let web = [at("a", &a)];
+    let mut lb = Lb::start(ws, &registry(&[("web", &web)], ""), opts);
+    lb.reach("web", "backend-A");
+    let good = std::fs::read(&lb.ws.dest).expect("read dest");
+    let before = lb.proc().expect("show proc");
+    let old_workers = lb.workers();
+
+    // `haproxy -c` passes (it does not bind); the reload fails on the taken port.
+    lb.ws.write_registry(registry(
+        &[("web", &web), ("api", &[at("b", &b)])],
+        &format!("extra:\n  port: \"{taken_port}\"\n"),
+    ));
+    wait_for(SETTLE, "the failed reload in the log", || {
+        (lb.failed_applies() == 1).then_some(())
+    });
+    let log = lb.log();
+    assert!(
+        log.contains("reload failed, previous files restored")
+            && log.contains("could not load the new config"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(&lb.ws.dest).expect("read dest"),
+        good,
+        "dest is not byte-identical to the last good file"
+    );
+    let failed = lb.proc().expect("show proc after the failed reload");
+    assert_eq!(failed.reloads, before.reloads + 1);
+    assert!(failed.failed > 0, "{failed:?}");
+    assert_eq!(failed.master_pid, before.master_pid);
+    // The old worker still serves the old config.
+    assert_eq!(lb.workers(), old_workers);
+    assert!(lb.bodies("web", 5).iter().all(|b| b == "backend-A"));
+    assert_eq!(http_get(lb.port(), "api", "/").map(|r| r.status), Ok(404));
+    assert_eq!(lb.applied("reload"), 0);
+
+    // A later good change (the same new service, without the extra bind) applies.
+    lb.ws
+        .write_registry(registry(&[("web", &web), ("api", &[at("b", &b)])], ""));
+    lb.wait_applied("reload", 1);
+    lb.reach("api", "backend-B");
+    let after = lb.proc().expect("show proc after the good reload");
+    assert_eq!(after.reloads, before.reloads + 2);
+    assert_eq!(after.failed, 0);
+    assert!(serves(&lb.dest(), "b", &format!("127.0.0.1:{}", b.port)));
+    assert_eq!(lb.failed_applies(), 1, "{}", lb.log());
+    drop(taken);
+
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
+
+#[test]
+fn server_only_changes_use_the_runtime_api_and_never_reload() {
+    let a = Backend::start("backend-A");
+    let b = Backend::start("backend-B");
+    let c = Backend::start("backend-C");
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &[at("a", &a)])], ""),
+        supervise(),
+    );
+    lb.reach("web", "backend-A");
+    let before = lb.proc().expect("show proc");
+    lb.assert_agree("be_web");
+    let mut runtime = 0;
+    let mut step = |lb: &Lb, instances: &[Inst]| {
+        lb.ws.write_registry(registry(&[("web", instances)], ""));
+        runtime += 1;
+        lb.wait_applied("runtime", runtime);
+        lb.assert_agree("be_web");
+    };
+
+    // Add an instance: it takes a free slot.
+    step(&lb, &[at("a", &a), at("b", &b)]);
+    lb.reach("web", "backend-B");
+    assert!(serves(&lb.dest(), "b", &format!("127.0.0.1:{}", b.port)));
+
+    // Change a weight.
+    step(&lb, &[with("a", &a, 50, "ready"), at("b", &b)]);
+    assert!(lb.dest().contains("weight 50"), "{}", lb.dest());
+
+    // Drain b (weight 0): new requests all go to a.
+    step(
+        &lb,
+        &[with("a", &a, 50, "ready"), with("b", &b, 100, "drain")],
+    );
+    assert!(lb.bodies("web", 6).iter().all(|x| x == "backend-A"));
+
+    // a to maintenance, b back: everything goes to b.
+    step(&lb, &[with("a", &a, 50, "maint"), at("b", &b)]);
+    assert!(lb.bodies("web", 6).iter().all(|x| x == "backend-B"));
+
+    // Remove a, add c: c takes a's slot, with a new address.
+    step(&lb, &[at("b", &b), at("c", &c)]);
+    lb.reach("web", "backend-C");
+    let dest = lb.dest();
+    assert!(
+        serves(&dest, "c", &format!("127.0.0.1:{}", c.port)),
+        "{dest}"
+    );
+    assert!(!dest.contains(&format!("127.0.0.1:{}", a.port)), "{dest}");
+
+    // Remove b: only c serves.
+    step(&lb, &[at("c", &c)]);
+    assert!(lb.bodies("web", 6).iter().all(|x| x == "backend-C"));
+
+    let after = lb.proc().expect("show proc");
+    assert_eq!(after.reloads, before.reloads, "{}", lb.log());
+    assert_eq!(after.master_pid, before.master_pid);
+    assert_eq!(lb.applied("reload"), 0, "{}", lb.log());
+    assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
+
+#[test]
+fn a_killed_master_is_restarted_and_sigterm_leaves_no_process_behind() {
+    let a = Backend::start("backend-A");
+    let b = Backend::start("backend-B");
+    let c = Backend::start("backend-C");
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &[at("a", &a)])], ""),
+        supervise(),
+    );
+    lb.reach("web", "backend-A");
+    let haconfd = lb.daemon.pid();
+    // A reload (which saves the server state), then a runtime move of web's instance: the
+    // state file now holds a port that no longer holds.
+    lb.ws.write_registry(registry(
+        &[("web", &[at("a", &a)]), ("api", &[at("b", &b)])],
+        "",
+    ));
+    lb.wait_applied("reload", 1);
+    lb.reach("api", "backend-B");
+    lb.ws.write_registry(registry(
+        &[("web", &[at("a", &c)]), ("api", &[at("b", &b)])],
+        "",
+    ));
+    lb.wait_applied("runtime", 1);
+    lb.reach("web", "backend-C");
+    let first = lb.proc().expect("show proc").master_pid;
+    let first_workers = lb.workers();
+
+    signal(first, Signal::SIGKILL);
+    let second = wait_for(SETTLE, "a new master", || {
+        master_pid(&lb.ws.master_socket()).filter(|p| *p != first)
+    });
+    lb.masters.push(PidGuard(Some(second)));
+    wait_for(SETTLE, "the new master's worker", || {
+        lb.proc().filter(|p| p.workers > 0)
+    });
+    // The restarted HAProxy serves what the file says, not what an old state file said.
+    lb.reach("web", "backend-C");
+    lb.assert_agree("be_web");
+    assert!(lb.bodies("web", 4).iter().all(|x| x == "backend-C"));
+    assert!(
+        lb.log().contains("haproxy exited; restarting it"),
+        "{}",
+        lb.log()
+    );
+    // haconfd reaped the killed master; its workers followed it.
+    assert!(
+        !Path::new(&format!("/proc/{first}")).exists(),
+        "master {first} not reaped"
+    );
+    wait_for(SETTLE, "the killed master's workers to exit", || {
+        first_workers.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert_eq!(zombie_children(haconfd), Vec::<u32>::new());
+
+    // The new master takes reloads.
+    assert_eq!(lb.proc().expect("show proc").reloads, 0);
+    lb.ws.write_registry(registry(
+        &[
+            ("web", &[at("a", &c)]),
+            ("api", &[at("b", &b)]),
+            ("new", &[at("n", &a)]),
+        ],
+        "",
+    ));
+    lb.wait_applied("reload", 2);
+    lb.reach("new", "backend-A");
+    let info = lb.proc().expect("show proc after the reload");
+    assert_eq!((info.master_pid, info.reloads, info.failed), (second, 1, 0));
+    let workers = lb.workers();
+
+    // SIGTERM: HAProxy stops, haconfd exits 0, nothing is left running or unreaped.
+    assert_eq!(zombie_children(haconfd), Vec::<u32>::new());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+    let seen: Vec<u32> = [first, second]
+        .into_iter()
+        .chain(first_workers)
+        .chain(workers)
+        .collect();
+    wait_for(SETTLE, "every HAProxy process to exit", || {
+        seen.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    // The masters were haconfd's children: reaped, not zombies.
+    for pid in [first, second] {
+        assert!(!is_zombie(pid), "master {pid} is a zombie");
+    }
+    assert!(lb.log().contains("haproxy stopped"), "{}", lb.log());
+    assert!(
+        http_get(lb.port(), "web", "/").is_err(),
+        "HAProxy still listens"
+    );
+}
+
+#[test]
+fn exhausting_the_spare_slots_is_one_reload_that_regrows_them() {
+    let backends: Vec<Backend> = (0..5).map(|i| Backend::start(&format!("b{i}"))).collect();
+    let ids = ["i0", "i1", "i2", "i3", "i4"];
+    let inst = |n: usize| -> Vec<Inst> { (0..n).map(|i| at(ids[i], &backends[i])).collect() };
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &inst(1))], ""),
+        supervise(),
+    );
+    lb.reach("web", "b0");
+    let before = lb.proc().expect("show proc");
+    let free = |cfg: &str| {
+        file_servers(cfg, "be_web")
+            .iter()
+            .filter(|s| s.maint)
+            .count()
+    };
+    assert_eq!(free(&lb.dest()), SPARE);
+
+    // One more instance than there are free slots: a reload, not a partial runtime update.
+    lb.ws
+        .write_registry(registry(&[("web", &inst(SPARE + 2))], ""));
+    lb.wait_applied("reload", 1);
+    let after = lb.proc().expect("show proc after the reload");
+    assert_eq!(after.reloads, before.reloads + 1, "{}", lb.log());
+    assert_eq!(after.failed, 0);
+    assert_eq!(lb.applied("runtime"), 0);
+    for i in 0..SPARE + 2 {
+        lb.reach("web", &format!("b{i}"));
+    }
+    // The reload regrew the spare slots: SPARE free `disabled` lines after the instances.
+    let dest = lb.dest();
+    let servers = file_servers(&dest, "be_web");
+    assert_eq!(servers.len(), SPARE + 2 + SPARE, "{dest}");
+    assert_eq!(free(&dest), SPARE, "{dest}");
+    assert!(servers[SPARE + 2..].iter().all(|s| s.maint), "{dest}");
+    lb.assert_agree("be_web");
+
+    // The regrown slots take the next instance without a reload.
+    lb.ws
+        .write_registry(registry(&[("web", &inst(SPARE + 3))], ""));
+    lb.wait_applied("runtime", 1);
+    lb.reach("web", &format!("b{}", SPARE + 2));
+    lb.assert_agree("be_web");
+    assert_eq!(lb.proc().expect("show proc").reloads, after.reloads);
+    assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
