@@ -28,13 +28,78 @@ pub const GUARDED: &[&str] = &[
     "global",
 ];
 
-/// The guarded directive a line starts with, if any.
+/// What a line's first word is counted as when HAProxy would build it from an environment
+/// variable: its value is not known here, so it may spell any guarded directive.
+pub const VARIABLE_KEYWORD: &str = "a keyword spelled with an environment variable";
+
+/// The first `n` words of a config line as HAProxy 2.6's `parse_line` reads them: quotes
+/// removed, backslash escapes decoded, a `#` outside quotes ends the line, and so does a CR.
+/// A word that expands an environment variable (`"${X}"`, `"$X"`) is None.
+fn haproxy_words(line: &str, n: usize) -> Vec<Option<Vec<u8>>> {
+    let b = line.as_bytes();
+    let mut words = Vec::new();
+    let (mut word, mut started, mut variable) = (Vec::new(), false, false);
+    let (mut squote, mut dquote) = (false, false);
+    let mut i = 0;
+    while i < b.len() && words.len() < n {
+        let c = b[i];
+        i += 1;
+        match c {
+            b'\r' | b'\n' | b'\0' => break,
+            b'#' if !squote && !dquote => break,
+            b'"' if !squote => dquote = !dquote,
+            b'\'' if !dquote => squote = !squote,
+            b'\\' if !squote => {
+                let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+                let (byte, used) = match b.get(i) {
+                    Some(&e @ (b' ' | b'\\' | b'#' | b'\'' | b'"')) => (e, 1),
+                    Some(b'$') if dquote => (b'$', 1),
+                    Some(b't') => (b'\t', 1),
+                    Some(b'n') => (b'\n', 1),
+                    Some(b'r') => (b'\r', 1),
+                    Some(b'x') if hex(i + 1) && hex(i + 2) => {
+                        let digits = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("00");
+                        (u8::from_str_radix(digits, 16).unwrap_or(0), 3)
+                    }
+                    _ => (b'\\', 0),
+                };
+                word.push(byte);
+                i += used;
+            }
+            b' ' | b'\t' | b'\x0b' | b'\x0c' if !squote && !dquote => {
+                if started {
+                    words.push((!variable).then(|| std::mem::take(&mut word)));
+                    (started, variable) = (false, false);
+                    word.clear();
+                }
+                continue;
+            }
+            b'$' if dquote => variable = true,
+            _ => word.push(c),
+        }
+        started = true;
+    }
+    if started && words.len() < n {
+        words.push((!variable).then_some(word));
+    }
+    words
+}
+
+/// The guarded directive a line starts with, if any, read the way HAProxy reads it: quoting or
+/// escaping a keyword (`"lua-load"`, `lua\x2dload`) does not hide it.
 fn directive(line: &str) -> Option<&'static str> {
-    let mut words = line.split_whitespace();
-    let first = words.next()?;
+    let words = haproxy_words(line, 2);
+    let first = words.first()?.as_deref();
+    let second = words.get(1).and_then(|w| w.as_deref());
+    let Some(first) = first else {
+        return Some(VARIABLE_KEYWORD);
+    };
+    if first == b"stats" && words.get(1).is_some_and(Option::is_none) {
+        return Some(VARIABLE_KEYWORD);
+    }
     GUARDED.iter().copied().find(|d| match d.split_once(' ') {
-        Some((a, b)) => first == a && words.clone().next() == Some(b),
-        None => first == *d,
+        Some((a, b)) => first == a.as_bytes() && second == Some(b.as_bytes()),
+        None => first == d.as_bytes(),
     })
 }
 
@@ -108,6 +173,54 @@ mod tests {
             check(&allowed, out).map_err(|v| (v.directive, v.line)),
             Err(("global", 2))
         );
+    }
+
+    /// Regression: HAProxy reads `"lua-load"`, `'lua-'load`, `lua\x2dload` and
+    /// `"${UNSET}lua-load"` as `lua-load` (and runs the script during `haproxy -c`), so a
+    /// custom template that splits a value with quotes into lines got past the check.
+    #[test]
+    fn quoted_escaped_or_variable_keywords_count() {
+        let allowed = count("global\n    stats socket /x\n{{ x }}\n");
+        for line in [
+            "\"lua-load\" /tmp/x.lua",
+            "  'lua-'load /tmp/x.lua",
+            "lua\"-\"load /tmp/x.lua",
+            "lua\\x2dload /tmp/x.lua",
+            "lua\\x2Dload /tmp/x.lua",
+            "lua-load#comment",
+            "\"glo\"bal",
+            "stats \"socket\" /tmp/s",
+            "stats\tso'cket' /tmp/s",
+        ] {
+            let out = format!("global\n    stats socket /x\n{line}\n");
+            let v = check(&allowed, &out).expect_err(line);
+            assert_eq!(v.line, 3, "{line}");
+            assert_ne!(v.directive, VARIABLE_KEYWORD, "{line}");
+        }
+        for line in [
+            "\"${UNSET}lua-load\" /tmp/x.lua",
+            "\"${UNSET-lua-load}\" /tmp/x.lua",
+            "\"$X\"",
+            "stats \"${S}\" /tmp/s",
+        ] {
+            let out = format!("global\n{line}\n");
+            let v = check(&allowed, &out).expect_err(line);
+            assert_eq!((v.directive, v.line), (VARIABLE_KEYWORD, 2), "{line}");
+        }
+        // What HAProxy does not read as a guarded keyword passes.
+        for line in [
+            "\\x22lua-load\\x22 /x",
+            "\\lua-load /x",
+            "lua-load\\  /x",
+            "\"\" lua-load /x",
+            "$HOME lua-load",
+            "\"\\${X}\" y",
+            "server a 127.0.0.1:1 \"lua-load\"",
+            "stats enable",
+        ] {
+            let out = format!("global\n{line}\n");
+            assert!(check(&allowed, &out).is_ok(), "{line}");
+        }
     }
 
     #[test]
