@@ -9,9 +9,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::apply::{self, Applier};
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, SourceKind};
 use crate::haproxy::{Controller, install, validate};
 use crate::metrics::Metrics;
+use crate::notify::{self, Notifier};
 use crate::reactor::{self, Apply, Event, Work};
 use crate::render::{Rendered, Templates};
 use crate::source::{self, Update};
@@ -218,18 +219,80 @@ pub async fn version(cs: &ConfigSource) -> Result<(), Failure> {
         env!("CARGO_PKG_VERSION"),
         env!("HACONFD_GIT_COMMIT")
     );
-    let binary = cs
-        .load()
-        .map(|c| c.haproxy.binary)
+    let config = cs.load();
+    let binary = config
+        .as_ref()
+        .map(|c| c.haproxy.binary.clone())
         .unwrap_or_else(|_| "haproxy".into());
     println!("haproxy: {}", crate::haproxy::version(&binary).await);
+    println!("etcd: {}", etcd_version(&config).await);
     Ok(())
+}
+
+/// How long `version` waits for etcd: it reports, it does not wait out an outage.
+const VERSION_ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The etcd server version for `version`, or why there is none. Never an error: a down etcd is
+/// exactly when an operator runs `version`.
+async fn etcd_version(config: &Result<Config, ConfigError>) -> String {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return format!("unknown (the config does not load: {e})"),
+    };
+    let SourceKind::Etcd(etcd) = &config.source.kind else {
+        return "not used (file source)".into();
+    };
+    let mut etcd = etcd.clone();
+    etcd.dial_timeout = etcd.dial_timeout.min(VERSION_ETCD_TIMEOUT);
+    let endpoints = etcd.endpoints.join(",");
+    let connected = match source::etcd::connect_options(&etcd) {
+        Ok(options) => source::etcd::connect_with(&etcd, options).await,
+        Err(e) => Err(e),
+    };
+    let mut client = match connected {
+        Ok((client, _)) => client,
+        Err(e) => return format!("unreachable at {endpoints}: {e}"),
+    };
+    match tokio::time::timeout(VERSION_ETCD_TIMEOUT, client.status()).await {
+        Ok(Ok(status)) => format!("{} (at {endpoints})", status.version()),
+        Ok(Err(e)) => format!("unreachable at {endpoints}: status: {e}"),
+        Err(_) => {
+            format!("unreachable at {endpoints}: status: no answer within {VERSION_ETCD_TIMEOUT:?}")
+        }
+    }
+}
+
+/// `completions SHELL`: the completion script, generated from the clap definition.
+pub fn completions(shell: clap_complete::Shell) -> Result<(), Failure> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut crate::cli::Cli::command(), "haconfd", &mut out);
+    write_stdout(&out)
+}
+
+/// `manpage`: haconfd(1) in roff, generated from the clap definition.
+pub fn manpage() -> Result<(), Failure> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(crate::cli::Cli::command())
+        .render(&mut out)
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    write_stdout(&out)
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::Runtime(e.into()))
 }
 
 /// The real applier behind the reactor.
 struct Daemon {
     applier: Applier,
     config_path: Option<PathBuf>,
+    notifier: Arc<Notifier>,
 }
 
 impl Apply for Daemon {
@@ -244,15 +307,23 @@ impl Apply for Daemon {
         let Some(update) = update else { return };
         let span = tracing::info_span!("apply", etcd.revision = update.snapshot.revision);
         match self.applier.apply(&update).instrument(span).await {
-            Ok(r) => tracing::info!(
-                apply.kind = r.kind.as_str(),
-                held = ?r.held,
-                held_back = ?r.held_back,
-                config.hash = %r.hash,
-                changed = ?r.changed,
-                ms = r.duration.as_millis() as u64,
-                "applied"
-            ),
+            Ok(r) => {
+                tracing::info!(
+                    apply.kind = r.kind.as_str(),
+                    held = ?r.held,
+                    held_back = ?r.held_back,
+                    config.hash = %r.hash,
+                    changed = ?r.changed,
+                    ms = r.duration.as_millis() as u64,
+                    "applied"
+                );
+                // systemd hears READY=1 when /readyz would say ready: the files are installed
+                // and the HAProxy this process drives has taken them. Sent once.
+                if self.applier.metrics.readiness().is_ok() {
+                    self.notifier
+                        .ready(&format!("applied revision {}", r.revision));
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "apply failed; keeping the last good config")
             }
@@ -260,6 +331,7 @@ impl Apply for Daemon {
     }
 
     async fn shutdown(&mut self) {
+        self.notifier.stopping();
         self.applier.controller.shutdown().await;
     }
 
@@ -273,6 +345,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let config = cs.load()?;
     let templates = load_templates(&config)?;
     let metrics = Arc::new(Metrics::default());
+    let notifier = Arc::new(Notifier::from_env());
     let (tx, rx) = mpsc::channel::<Event>(1024);
 
     // Source updates become events.
@@ -312,6 +385,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Failure::Runtime(e.into()))?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| Failure::Runtime(e.into()))?;
     let etx = tx.clone();
+    let signal_notifier = Arc::clone(&notifier);
     tokio::spawn(async move {
         loop {
             let ev = tokio::select! {
@@ -321,11 +395,16 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); Event::Shutdown }
             };
             let stop = matches!(ev, Event::Shutdown);
+            if stop {
+                // Told at once, although the apply in flight and HAProxy's soft stop follow.
+                signal_notifier.stopping();
+            }
             if etx.send(ev).await.is_err() || stop {
                 return;
             }
         }
     });
+    spawn_watchdog(&notifier, &tx);
     drop(tx);
 
     // The admin endpoint. A port already taken is reported, not fatal: the load balancer
@@ -345,8 +424,33 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let daemon = Daemon {
         applier: Applier::new(config, templates, metrics),
         config_path: cs.path().map(Path::to_path_buf),
+        notifier: Arc::clone(&notifier),
     };
     reactor::run(daemon, rx, wait).await;
+    notifier.stopping();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `WATCHDOG=1` at half of systemd's `WatchdogSec` for as long as the reactor holds its event
+/// receiver. The task holds only a weak sender, so it never keeps the reactor's channel open;
+/// once the reactor has returned (or the runtime is wedged and this task cannot run), the pings
+/// stop and systemd restarts haconfd.
+fn spawn_watchdog(notifier: &Arc<Notifier>, tx: &mpsc::Sender<Event>) {
+    let Some(every) = notify::watchdog_interval().filter(|_| notifier.enabled()) else {
+        return;
+    };
+    tracing::info!(every = ?every, "systemd watchdog: pinging");
+    let notifier = Arc::clone(notifier);
+    let reactor = tx.downgrade();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            match reactor.upgrade() {
+                Some(tx) if !tx.is_closed() => notifier.watchdog(),
+                _ => return,
+            }
+        }
+    });
 }

@@ -15,6 +15,7 @@
 //! - `commands` — the subcommands, with exit codes
 //! - `metrics`  — Prometheus metrics and readiness state
 //! - `admin`    — the admin endpoint: /metrics, /healthz, /readyz
+//! - `notify`   — systemd's notify protocol: READY=1, WATCHDOG=1, STOPPING=1
 
 pub mod admin;
 pub mod announce;
@@ -27,6 +28,7 @@ pub mod haproxy;
 pub mod isolate;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod reactor;
 pub mod render;
 pub mod slots;

@@ -51,6 +51,11 @@ fn spawn(spec: &Spec) -> std::io::Result<Child> {
         .arg("-f")
         .arg(&spec.config)
         .stdin(Stdio::null())
+        // haconfd speaks to systemd for both (READY=1 after the first apply, the watchdog); an
+        // HAProxy that also notified would confuse systemd's view of the main process.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         // Its own process group: a terminal's Ctrl-C reaches haconfd, which stops HAProxy
         // gracefully, instead of hard-stopping HAProxy behind its back.
         .process_group(0)
