@@ -60,8 +60,17 @@ pub enum Command {
     /// Presence sidecar: register a service instance in etcd under a lease, keep it alive,
     /// and remove it when stopped.
     Announce(AnnounceArgs),
-    /// Print the version, the git commit and the HAProxy version found.
+    /// Print the version, the git commit, the HAProxy version found and, with the etcd source,
+    /// the etcd server version (an unreachable etcd is reported, not fatal).
     Version,
+    /// Print a shell completion script to stdout, generated from this command line.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, generated from this command line.
+    Manpage,
 }
 
 /// `haconfd announce`: see src/announce.rs.

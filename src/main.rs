@@ -25,7 +25,11 @@ fn init_logging(format: LogFormat, level: &str) -> Result<(), Failure> {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     init_logging(cli.log_format, &cli.log_level)?;
     let cs = ConfigSource::resolve(cli.config);
-    if matches!(cs, ConfigSource::Embedded) && !matches!(cli.command, Command::Version) {
+    let reads_config = !matches!(
+        cli.command,
+        Command::Version | Command::Completions { .. } | Command::Manpage
+    );
+    if matches!(cs, ConfigSource::Embedded) && reads_config {
         tracing::info!(
             "no config file given and none at the default path: using the embedded default"
         );
@@ -40,6 +44,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Check { template } => commands::check(&cs, template.as_deref()).await,
         Command::Announce(args) => haconfd::announce::run(&cs, args).await,
         Command::Version => commands::version(&cs).await,
+        Command::Completions { shell } => commands::completions(shell),
+        Command::Manpage => commands::manpage(),
     }
 }
 
