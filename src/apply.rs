@@ -19,7 +19,7 @@ use crate::haproxy::validate::ValidateError;
 use crate::haproxy::{ApplyKind, Controller, ReloadError, StateSave, runtime};
 use crate::isolate;
 use crate::metrics::Metrics;
-use crate::model::{Registry, Rejection};
+use crate::model::{ParseCache, Registry, Rejection};
 use crate::render::{RenderError, Rendered, Templates};
 use crate::slots::Slots;
 use crate::source::Update;
@@ -64,9 +64,13 @@ pub fn report_rejections(rejected: &[Rejection], metrics: &Metrics) {
     metrics.set_rejected(rejected.len() as u64);
 }
 
-/// Parses the registry of an update, reporting every key left out.
-pub fn parse(update: &Update, metrics: &Metrics) -> Registry {
-    let (registry, mut rejected) = Registry::parse(&update.snapshot);
+/// Parses the registry of an update, reporting every key left out. With a cache, services
+/// whose keys did not change since the last call are reused.
+pub fn parse(update: &Update, metrics: &Metrics, cache: Option<&mut ParseCache>) -> Registry {
+    let (registry, mut rejected) = match cache {
+        Some(c) => Registry::parse_cached(&update.snapshot, c),
+        None => Registry::parse(&update.snapshot),
+    };
     rejected.extend(update.rejected.iter().cloned());
     rejected.sort_by(|a, b| a.key.cmp(&b.key));
     report_rejections(&rejected, metrics);
@@ -80,7 +84,7 @@ pub fn render(
     update: &Update,
     metrics: &Metrics,
 ) -> Result<Vec<Rendered>, RenderError> {
-    let mut registry = parse(update, metrics);
+    let mut registry = parse(update, metrics, None);
     Slots::default().assign(&mut registry, templates.spare_slots(), true);
     templates.render_all(&update.snapshot, &registry)
 }
@@ -108,6 +112,7 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     guard: Guard,
     slots: Slots,
+    parse_cache: ParseCache,
     /// The registry rendered by the last successful apply.
     last: Option<Registry>,
     /// When a guard hold expires, if one is active.
@@ -120,6 +125,7 @@ impl Applier {
         Applier {
             guard: Guard::new(config.guard),
             slots: Slots::default(),
+            parse_cache: ParseCache::default(),
             config,
             templates,
             controller,
@@ -139,7 +145,8 @@ impl Applier {
     /// Renders, installs and reloads. On error the files on disk are those of before.
     pub async fn apply(&mut self, update: &Update) -> Result<Report, ApplyError> {
         let started = Instant::now();
-        let wanted = parse(update, &self.metrics);
+        let wanted = parse(update, &self.metrics, Some(&mut self.parse_cache));
+        let t_parse = started.elapsed();
         let installed = self
             .config
             .haproxy_template()
@@ -185,8 +192,18 @@ impl Applier {
         let mut held_back: Vec<String> = Vec::new();
         let mut isolated: BTreeSet<String> = BTreeSet::new();
         let (rendered, installed, runtime_cmds) = loop {
+            let t0 = Instant::now();
             let (rendered, runtime_cmds) = self.prepare(update, &mut registry)?;
-            match self.install_all(&rendered).await {
+            let t_prepare = t0.elapsed();
+            let t0 = Instant::now();
+            let result = self.install_all(&rendered).await;
+            tracing::debug!(
+                parse_ms = t_parse.as_secs_f64() * 1e3,
+                prepare_ms = t_prepare.as_secs_f64() * 1e3,
+                install_ms = t0.elapsed().as_secs_f64() * 1e3,
+                "apply stages"
+            );
+            match result {
                 Ok(installed) => break (rendered, installed, runtime_cmds),
                 Err(e) => {
                     let names = culprits_of(&e, &rendered, &registry)

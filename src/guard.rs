@@ -9,6 +9,7 @@
 //! an operator confirms it (SIGUSR1 to `haconfd run`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -127,9 +128,9 @@ impl Guard {
                 release_at: None,
             };
         };
-        let last_by_name: BTreeMap<&str, &Service> =
+        let last_by_name: BTreeMap<&str, &Arc<Service>> =
             last.services.iter().map(|s| (s.name.as_str(), s)).collect();
-        let wanted_by_name: BTreeMap<&str, &Service> = wanted
+        let wanted_by_name: BTreeMap<&str, &Arc<Service>> = wanted
             .services
             .iter()
             .map(|s| (s.name.as_str(), s))
@@ -172,7 +173,7 @@ impl Guard {
         self.holds = holds;
 
         // Render the wanted registry with held services replaced by their applied state.
-        let mut services: BTreeMap<String, Service> = wanted
+        let mut services: BTreeMap<String, Arc<Service>> = wanted
             .services
             .into_iter()
             .map(|s| (s.name.clone(), s))
@@ -181,8 +182,12 @@ impl Guard {
             if let Some(old) = last_by_name.get(name.as_str()) {
                 let kept = services
                     .entry(name.clone())
-                    .or_insert_with(|| (*old).clone());
-                kept.instances = old.instances.clone();
+                    .or_insert_with(|| Arc::clone(old));
+                if !Arc::ptr_eq(kept, old) {
+                    let kept = Arc::make_mut(kept);
+                    kept.instances = old.instances.clone();
+                    kept.slots = old.slots.clone();
+                }
             }
         }
         let held: Vec<Hold> = self.holds.values().cloned().collect();
@@ -227,7 +232,10 @@ mod tests {
 
     fn reg(services: &[(&str, usize)]) -> Registry {
         Registry {
-            services: services.iter().map(|(n, c)| service(n, *c)).collect(),
+            services: services
+                .iter()
+                .map(|(n, c)| Arc::new(service(n, *c)))
+                .collect(),
         }
     }
 

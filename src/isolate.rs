@@ -8,6 +8,7 @@
 //! isolated: the apply fails as a whole and the last good config stays.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::model::{Registry, Service};
 
@@ -40,7 +41,11 @@ fn names_backend(token: &str, backend: &str) -> bool {
 
 /// The services that own every line in `lines` of `rendered`, or None when a line belongs to no
 /// service (then nothing can be isolated).
-pub fn culprits(rendered: &str, lines: &[usize], services: &[Service]) -> Option<BTreeSet<String>> {
+pub fn culprits(
+    rendered: &str,
+    lines: &[usize],
+    services: &[Arc<Service>],
+) -> Option<BTreeSet<String>> {
     if lines.is_empty() {
         return None;
     }

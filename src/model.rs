@@ -7,9 +7,10 @@
 //! host names, ports, weights, states — and rejects, by key, anything that does not parse.
 //! A rejection never carries the value: values may hold secrets or hostile bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -317,7 +318,7 @@ pub struct Slot {
 /// The typed registry: services sorted by name, instances sorted by id.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Registry {
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
 }
 
 #[derive(Deserialize)]
@@ -516,88 +517,160 @@ fn parse_route(value: &str) -> Result<Route, String> {
     })
 }
 
+/// Parsed services kept between parses of successive snapshots: a service whose keys (and
+/// route) did not change is reused as it is, `Arc` and all, so a change to one service costs
+/// the parse of one service. Downstream caches (slots, tera values) recognise reused services
+/// by pointer.
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    prev: Option<Arc<Snapshot>>,
+    services: HashMap<String, (Option<Arc<Service>>, Vec<Rejection>)>,
+}
+
+/// A reason for a key whose place in `/services/` is wrong.
+fn shape_problem(rest: &str) -> Option<&'static str> {
+    let Some((svc, id)) = rest.split_once('/') else {
+        return Some("not of the form /services/<service>/<instance-id>");
+    };
+    if !is_service_name(svc) {
+        return Some(
+            "service name must be 1-63 lower-case letters, digits, '-', '_' or '.', starting with a letter or digit",
+        );
+    }
+    if !is_instance_id(id) {
+        return Some(
+            "instance id must be 1-128 of [A-Za-z0-9._:-], starting with a letter or digit",
+        );
+    }
+    None
+}
+
+/// Parses one service from its instance pairs (in key order) and its route value.
+fn parse_service(
+    name: &str,
+    items: &[(&String, &String)],
+    route: Option<(&String, &String)>,
+) -> (Option<Arc<Service>>, Vec<Rejection>) {
+    let mut rejected = Vec::new();
+    let mut instances = Vec::with_capacity(items.len());
+    for (key, value) in items {
+        let id = &key[SERVICES_PREFIX.len() + name.len() + 1..];
+        match parse_instance(id, value) {
+            Ok(inst) => instances.push(inst),
+            Err(reason) => rejected.push(Rejection {
+                key: display_key(key.as_bytes()),
+                reason,
+            }),
+        }
+    }
+    let route = route.and_then(|(key, value)| match parse_route(value) {
+        Ok(r) => Some(r),
+        Err(reason) => {
+            rejected.push(Rejection {
+                key: display_key(key.as_bytes()),
+                reason,
+            });
+            None
+        }
+    });
+    if instances.is_empty() && route.is_none() {
+        return (None, rejected);
+    }
+    // Keys sort by id within a service. One slot per instance in id order, no spares: what
+    // renders when nothing keeps slots across applies (`slots::Slots` replaces it).
+    let slots = (0..instances.len())
+        .map(|i| Slot {
+            name: format!("srv{}", i + 1),
+            instance: Some(i),
+        })
+        .collect();
+    for (i, inst) in instances.iter_mut().enumerate() {
+        inst.name = format!("srv{}", i + 1);
+    }
+    let service = Service {
+        name: name.to_owned(),
+        backend: format!("be_{name}"),
+        route,
+        instances,
+        slots,
+    };
+    (Some(Arc::new(service)), rejected)
+}
+
 impl Registry {
     /// Parses the registry keys of a snapshot. Other keys are ignored (custom templates may read
     /// them through the raw functions); bad registry keys are returned as rejections.
     pub fn parse(snapshot: &Snapshot) -> (Registry, Vec<Rejection>) {
-        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        Self::parse_inner(snapshot, None, &mut HashMap::new())
+    }
+
+    /// [`Registry::parse`], reusing the services of the previous call whose keys did not change.
+    pub fn parse_cached(
+        snapshot: &Arc<Snapshot>,
+        cache: &mut ParseCache,
+    ) -> (Registry, Vec<Rejection>) {
+        let prev = cache.prev.take();
+        let out = Self::parse_inner(snapshot, prev.as_deref(), &mut cache.services);
+        cache.prev = Some(Arc::clone(snapshot));
+        out
+    }
+
+    fn parse_inner(
+        snapshot: &Snapshot,
+        prev: Option<&Snapshot>,
+        cache: &mut HashMap<String, (Option<Arc<Service>>, Vec<Rejection>)>,
+    ) -> (Registry, Vec<Rejection>) {
         let mut rejected = Vec::new();
-        fn service<'m>(services: &'m mut BTreeMap<String, Service>, name: &str) -> &'m mut Service {
-            services.entry(name.to_owned()).or_insert_with(|| Service {
-                name: name.to_owned(),
-                backend: format!("be_{name}"),
-                route: None,
-                instances: Vec::new(),
-                slots: Vec::new(),
-            })
-        }
-        for (key, value) in snapshot.kv.range(SERVICES_PREFIX.to_owned()..) {
+        // Instance pairs grouped by service: keys that share a prefix are contiguous.
+        let mut groups: BTreeMap<&str, Vec<(&String, &String)>> = BTreeMap::new();
+        for (key, value) in snapshot.kv.range::<str, _>(from(SERVICES_PREFIX)) {
             let Some(rest) = key.strip_prefix(SERVICES_PREFIX) else {
                 break;
             };
-            let reject = |reason: String| Rejection {
-                key: display_key(key.as_bytes()),
-                reason,
-            };
-            let Some((svc, id)) = rest.split_once('/') else {
-                rejected.push(reject(
-                    "not of the form /services/<service>/<instance-id>".into(),
-                ));
-                continue;
-            };
-            if !is_service_name(svc) {
-                rejected.push(reject(
-                    "service name must be 1-63 lower-case letters, digits, '-', '_' or '.', starting with a letter or digit".into(),
-                ));
+            if let Some(problem) = shape_problem(rest) {
+                rejected.push(Rejection {
+                    key: display_key(key.as_bytes()),
+                    reason: problem.into(),
+                });
                 continue;
             }
-            if !is_instance_id(id) {
-                rejected.push(reject(
-                    "instance id must be 1-128 of [A-Za-z0-9._:-], starting with a letter or digit"
-                        .into(),
-                ));
-                continue;
-            }
-            match parse_instance(id, value) {
-                Ok(inst) => service(&mut services, svc).instances.push(inst),
-                Err(reason) => rejected.push(reject(reason)),
-            }
+            let svc = rest.split_once('/').map_or(rest, |(s, _)| s);
+            groups.entry(svc).or_default().push((key, value));
         }
-        for (key, value) in snapshot.kv.range(ROUTES_PREFIX.to_owned()..) {
+        let mut routes: BTreeMap<&str, (&String, &String)> = BTreeMap::new();
+        for (key, value) in snapshot.kv.range::<str, _>(from(ROUTES_PREFIX)) {
             let Some(svc) = key.strip_prefix(ROUTES_PREFIX) else {
                 break;
             };
-            let reject = |reason: String| Rejection {
-                key: display_key(key.as_bytes()),
-                reason,
-            };
             if !is_service_name(svc) {
-                rejected.push(reject("not of the form /routes/<service>".into()));
+                rejected.push(Rejection {
+                    key: display_key(key.as_bytes()),
+                    reason: "not of the form /routes/<service>".into(),
+                });
                 continue;
             }
-            match parse_route(value) {
-                Ok(route) => service(&mut services, svc).route = Some(route),
-                Err(reason) => rejected.push(reject(reason)),
-            }
+            routes.insert(svc, (key, value));
         }
-        let services = services
-            .into_values()
-            .map(|mut s| {
-                s.instances.sort_by(|a, b| a.id.cmp(&b.id));
-                // One slot per instance in id order, no spares: what renders when nothing
-                // keeps slots across applies (`slots::Slots` replaces it in the daemon).
-                s.slots = (0..s.instances.len())
-                    .map(|i| Slot {
-                        name: format!("srv{}", i + 1),
-                        instance: Some(i),
-                    })
-                    .collect();
-                for (i, inst) in s.instances.iter_mut().enumerate() {
-                    inst.name = format!("srv{}", i + 1);
-                }
-                s
-            })
-            .collect();
+        let names: std::collections::BTreeSet<&str> =
+            groups.keys().chain(routes.keys()).copied().collect();
+        let mut next = HashMap::with_capacity(names.len());
+        let mut services = Vec::with_capacity(names.len());
+        let empty = Vec::new();
+        for name in names {
+            let items = groups.get(name).unwrap_or(&empty);
+            let route = routes.get(name).copied();
+            let unchanged = prev.is_some_and(|p| same_group(p, snapshot, name));
+            let entry = match cache.remove(name) {
+                Some(hit) if unchanged => hit,
+                _ => parse_service(name, items, route),
+            };
+            if let Some(s) = &entry.0 {
+                services.push(Arc::clone(s));
+            }
+            rejected.extend(entry.1.iter().cloned());
+            next.insert(name.to_owned(), entry);
+        }
+        *cache = next;
         (Registry { services }, rejected)
     }
 
@@ -605,6 +678,26 @@ impl Registry {
     pub fn instance_count(&self) -> usize {
         self.services.iter().map(|s| s.instances.len()).sum()
     }
+}
+
+/// The keys from `p` on, for `BTreeMap<String, _>::range` without allocating.
+fn from(p: &str) -> (std::ops::Bound<&str>, std::ops::Bound<&str>) {
+    (std::ops::Bound::Included(p), std::ops::Bound::Unbounded)
+}
+
+/// Whether `prev` and `now` hold exactly the same `/services/<name>/` pairs and route.
+fn same_group(prev: &Snapshot, now: &Snapshot, name: &str) -> bool {
+    let prefix = format!("{SERVICES_PREFIX}{name}/");
+    let route = format!("{ROUTES_PREFIX}{name}");
+    prev.kv.get(&route) == now.kv.get(&route)
+        && prev
+            .kv
+            .range::<str, _>(from(&prefix))
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .eq(now
+                .kv
+                .range::<str, _>(from(&prefix))
+                .take_while(|(k, _)| k.starts_with(&prefix)))
 }
 
 #[cfg(test)]

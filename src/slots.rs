@@ -6,7 +6,8 @@
 //! reload. Free slots are regrown to `spare` per backend at every reload, and trailing free
 //! slots beyond that are trimmed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::model::{Registry, Slot};
 
@@ -33,23 +34,24 @@ impl Slots {
             self.tables.retain(|b, _| live.contains(b.as_str()));
         }
         for service in &mut registry.services {
-            let table = self.tables.entry(service.backend.clone()).or_default();
-            let index: BTreeMap<&str, usize> = service
-                .instances
-                .iter()
-                .enumerate()
-                .map(|(i, inst)| (inst.id.as_str(), i))
-                .collect();
-            // Free the slots of instances that are gone.
+            let table = match self.tables.get_mut(&service.backend) {
+                Some(t) => t,
+                None => self.tables.entry(service.backend.clone()).or_default(),
+            };
+            // Instances are sorted by id: find one by binary search, without a map.
+            let instances = &service.instances;
+            let find = |id: &str| instances.binary_search_by(|i| i.id.as_str().cmp(id)).ok();
+            // Free the slots of instances that are gone; note who already has one.
+            let mut placed = vec![false; service.instances.len()];
             for slot in table.iter_mut() {
-                if slot.as_deref().is_some_and(|id| !index.contains_key(id)) {
-                    *slot = None;
+                match slot.as_deref().map(find) {
+                    Some(Some(i)) => placed[i] = true,
+                    Some(None) => *slot = None,
+                    None => {}
                 }
             }
-            let placed: std::collections::HashSet<String> =
-                table.iter().flatten().cloned().collect();
-            for inst in &service.instances {
-                if placed.contains(&inst.id) {
+            for (i, inst) in service.instances.iter().enumerate() {
+                if placed[i] {
                     continue;
                 }
                 match table.iter_mut().find(|s| s.is_none()) {
@@ -63,19 +65,32 @@ impl Slots {
                 let want = used + spare.saturating_sub(free_inside);
                 table.resize(want.max(used), None);
             }
-            service.slots = table
+            // Touch the service only when its layout changed, so that an unchanged service
+            // stays shared with the previous registry (and with the render's value cache).
+            let same = service.slots.len() == table.len()
+                && service.slots.iter().zip(table.iter()).all(|(slot, id)| {
+                    let want = id.as_deref().and_then(find);
+                    slot.instance == want
+                        && want.is_none_or(|i| service.instances[i].name == slot.name)
+                });
+            if same {
+                continue;
+            }
+            let slots: Vec<Slot> = table
                 .iter()
                 .enumerate()
                 .map(|(n, id)| Slot {
                     name: format!("srv{}", n + 1),
-                    instance: id.as_deref().and_then(|id| index.get(id).copied()),
+                    instance: id.as_deref().and_then(find),
                 })
                 .collect();
-            for slot in &service.slots {
+            let service = Arc::make_mut(service);
+            for slot in &slots {
                 if let Some(i) = slot.instance {
                     service.instances[i].name = slot.name.clone();
                 }
             }
+            service.slots = slots;
         }
     }
 }
@@ -87,7 +102,7 @@ mod tests {
 
     fn registry(ids: &[&str]) -> Registry {
         Registry {
-            services: vec![Service {
+            services: vec![Arc::new(Service {
                 name: "web".into(),
                 backend: "be_web".into(),
                 route: None,
@@ -105,7 +120,7 @@ mod tests {
                     })
                     .collect(),
                 slots: Vec::new(),
-            }],
+            })],
         }
     }
 

@@ -8,7 +8,6 @@ pub mod functions;
 pub mod structure;
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -62,28 +61,26 @@ pub struct HaproxyView {
     pub spare_slots: u32,
 }
 
-/// Per service, the hash of the last `Service` serialized and its tera value. Converting the
-/// whole registry to tera values is a third of a render at 2,000 services; a change touches
-/// one or two, so the others are reused (tera values share their maps by `Arc`).
-/// The hasher is keyed at random per process, so registry data cannot be crafted to collide.
+/// Per service, the last `Service` converted and its tera value. Converting the whole
+/// registry to tera values is a third of a render at 2,000 services; a change touches one or
+/// two, so the others are reused (tera values share their maps by `Arc`). A service reused by
+/// the parse cache is the same `Arc`; any other is compared by value.
 #[derive(Default)]
 struct ValueCache {
-    by_backend: HashMap<String, (u64, Value)>,
-    hasher: std::collections::hash_map::RandomState,
+    by_backend: HashMap<String, (Arc<Service>, Value)>,
 }
 
 impl ValueCache {
-    fn services(&mut self, services: &[Service]) -> Value {
+    fn services(&mut self, services: &[Arc<Service>]) -> Value {
         let mut next = HashMap::with_capacity(services.len());
         let values: Vec<Value> = services
             .iter()
             .map(|s| {
-                let hash = self.hasher.hash_one(s);
                 let value = match self.by_backend.remove(&s.backend) {
-                    Some((old, v)) if old == hash => v,
-                    _ => Value::from_serializable(s),
+                    Some((old, v)) if Arc::ptr_eq(&old, s) || old == *s => v,
+                    _ => Value::from_serializable(&**s),
                 };
-                next.insert(s.backend.clone(), (hash, value.clone()));
+                next.insert(s.backend.clone(), (Arc::clone(s), value.clone()));
                 value
             })
             .collect();

@@ -637,11 +637,17 @@ impl Watcher {
     }
 
     fn update(&self) -> Update {
-        Update::screen(
+        let t0 = std::time::Instant::now();
+        let u = Update::screen(
             self.revision,
             &self.prefixes,
             self.state.iter().map(|(k, (v, _))| (k, v)),
-        )
+        );
+        tracing::debug!(
+            screen_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "update screened"
+        );
+        u
     }
 
     /// Watches every prefix on one stream until it fails, compaction cancels it, or the resync
