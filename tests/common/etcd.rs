@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, CompactionOptions, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    Permission, TlsOptions,
+    Permission, PutOptions, TlsOptions,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -432,6 +432,35 @@ impl Etcd {
         })
     }
 
+    /// Puts one key with raw bytes as key and value (bytes that are not UTF-8, NUL, …).
+    pub fn put_bytes(&self, key: &[u8], value: &[u8]) -> i64 {
+        self.with_client(async |c| {
+            let r = c.put(key.to_vec(), value.to_vec(), None).await?;
+            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        })
+    }
+
+    /// Grants a lease of `ttl` seconds and returns its id.
+    pub fn grant_lease(&self, ttl: i64) -> i64 {
+        self.with_client(async |c| Ok(c.lease_grant(ttl, None).await?.id()))
+    }
+
+    /// Puts one key attached to `lease`.
+    pub fn put_with_lease(&self, key: &str, value: &str, lease: i64) -> i64 {
+        self.with_client(async |c| {
+            let r = c
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await?;
+            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        })
+    }
+
+    /// Starts keeping leases alive from a thread of its own (the guard's runtime only runs
+    /// while a helper call blocks on it). See [`LeaseKeeper`].
+    pub fn lease_keeper(&self) -> LeaseKeeper {
+        LeaseKeeper::start(self.endpoint(), self.connect_options())
+    }
+
     /// The current revision.
     pub fn revision(&self) -> i64 {
         self.with_client(async |c| {
@@ -480,5 +509,92 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Keeps a set of leases alive with `lease_keep_alive`, once every 500 ms, from a thread with
+/// its own runtime and client. [`LeaseKeeper::release`] stops keeping one alive, so that it
+/// expires after its TTL, as a crashed service's lease does. Stopped and joined on drop.
+pub struct LeaseKeeper {
+    leases: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    fn start(endpoint: String, options: ConnectOptions) -> LeaseKeeper {
+        use std::sync::atomic::Ordering;
+        let leases = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (wanted, stopped) = (leases.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("keeper runtime");
+            rt.block_on(async move {
+                let mut client = None;
+                let mut streams = BTreeMap::new();
+                while !stopped.load(Ordering::SeqCst) {
+                    if client.is_none() {
+                        client = Client::connect([endpoint.as_str()], Some(options.clone()))
+                            .await
+                            .ok();
+                    }
+                    let want: Vec<i64> = wanted
+                        .lock()
+                        .map(|w| w.iter().copied().collect())
+                        .unwrap_or_default();
+                    // Dropping a keeper and its stream ends that lease's keep-alive stream.
+                    streams.retain(|id, _| want.contains(id));
+                    if let Some(c) = client.as_mut() {
+                        for id in want {
+                            if !streams.contains_key(&id)
+                                && let Ok(pair) = c.lease_keep_alive(id).await
+                            {
+                                streams.insert(id, pair);
+                            }
+                            let Some((keeper, stream)) = streams.get_mut(&id) else {
+                                continue;
+                            };
+                            let sent = keeper.keep_alive().await.is_ok()
+                                && matches!(
+                                    tokio::time::timeout(Duration::from_secs(2), stream.message())
+                                        .await,
+                                    Ok(Ok(Some(_)))
+                                );
+                            if !sent {
+                                streams.remove(&id);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        });
+        LeaseKeeper {
+            leases,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Keeps `lease` alive from now on.
+    pub fn keep(&self, lease: i64) {
+        self.leases.lock().expect("lease set").insert(lease);
+    }
+
+    /// Stops keeping `lease` alive: it expires after its TTL.
+    pub fn release(&self, lease: i64) {
+        self.leases.lock().expect("lease set").remove(&lease);
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
