@@ -113,6 +113,8 @@ pub struct Applier {
     guard: Guard,
     slots: Slots,
     parse_cache: ParseCache,
+    /// The HAProxy file this process installed after proving it (see `haproxy_file_id`).
+    proven: Option<(u64, u64, u64, i64, i64)>,
     /// The registry rendered by the last successful apply.
     last: Option<Registry>,
     /// When a guard hold expires, if one is active.
@@ -126,6 +128,7 @@ impl Applier {
             guard: Guard::new(config.guard),
             slots: Slots::default(),
             parse_cache: ParseCache::default(),
+            proven: None,
             config,
             templates,
             controller,
@@ -196,7 +199,14 @@ impl Applier {
             let (rendered, runtime_cmds) = self.prepare(update, &mut registry)?;
             let t_prepare = t0.elapsed();
             let t0 = Instant::now();
-            let result = self.install_all(&rendered).await;
+            // A server-only change to the file this process proved last needs no second proof:
+            // only addresses (IP literals), ports (1-65535), weights (0-256) and `disabled`
+            // differ, each re-parsed by the plan, and everything else is byte-identical to a
+            // file that passed `haproxy -c`. Skipping it keeps change -> served in milliseconds.
+            let proven = runtime_cmds.as_ref().is_some_and(|c| !c.is_empty())
+                && self.proven.is_some()
+                && self.proven == self.haproxy_file_id();
+            let result = self.install_all(&rendered, proven).await;
             tracing::debug!(
                 parse_ms = t_parse.as_secs_f64() * 1e3,
                 prepare_ms = t_prepare.as_secs_f64() * 1e3,
@@ -298,13 +308,14 @@ impl Applier {
     async fn install_all(
         &mut self,
         rendered: &[Rendered],
+        proven: bool,
     ) -> Result<Vec<(usize, Option<Vec<u8>>)>, ApplyError> {
         let check = self.check();
         let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
         for (i, r) in rendered.iter().enumerate() {
             let started = Instant::now();
-            let outcome =
-                install::install(&r.template, &r.bytes, r.template.check.then_some(&check)).await;
+            let check = (r.template.check && !proven).then_some(&check);
+            let outcome = install::install(&r.template, &r.bytes, check).await;
             if r.template.check && !matches!(outcome, Ok(Outcome::Unchanged)) {
                 self.metrics
                     .validate_seconds
@@ -312,7 +323,13 @@ impl Applier {
             }
             match outcome {
                 Ok(Outcome::Unchanged) => {}
-                Ok(Outcome::Installed { previous }) => installed.push((i, previous)),
+                Ok(Outcome::Installed { previous }) => {
+                    installed.push((i, previous));
+                    if r.template.check {
+                        // Proven now, or derived from a proven file by a server-only change.
+                        self.proven = self.haproxy_file_id();
+                    }
+                }
                 Err(source) => {
                     if matches!(source, InstallError::Invalid(_)) {
                         self.metrics.check_failures.inc();
@@ -368,6 +385,15 @@ impl Applier {
             }
         }
         plan.ok_or_else(|| "the haproxy template was not rendered".into())
+    }
+
+    /// Identifies the installed HAProxy file (device, inode, size, mtime), so that a later
+    /// apply knows whether it is still the file this process proved.
+    fn haproxy_file_id(&self) -> Option<(u64, u64, u64, i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let t = self.config.haproxy_template()?;
+        let m = std::fs::metadata(&t.dest).ok()?;
+        Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
     }
 
     /// Reloads HAProxy; on failure restores the files of this apply.
