@@ -69,10 +69,23 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let json = cli.log_format == LogFormat::Json;
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("haconfd: {e}");
+            // With JSON logs every stderr line is JSON, the last words included: log shippers
+            // parse lines, and a plain one would be lost or mangled.
+            if json {
+                let line = serde_json::json!({
+                    "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                    "level": "ERROR",
+                    "message": format!("haconfd: {e}"),
+                    "exit_code": e.exit_code(),
+                });
+                eprintln!("{line}");
+            } else {
+                eprintln!("haconfd: {e}");
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }
