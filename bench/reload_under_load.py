@@ -425,8 +425,7 @@ listen = "127.0.0.1:{free_port()}"
               f"(show proc {before[1]} -> {after[1]}, failed {after[2]}), "
               f"{runtime} applied through the Runtime API")
         print(f"    change -> served: p50 = {percentile(lat, 50) * 1000:.1f} ms, "
-              f"p99 = {percentile(lat, 99) * 1000:.1f} ms, max = {lat[-1] * 1000:.1f} ms "
-              f"(each includes haproxy -c)")
+              f"p99 = {percentile(lat, 99) * 1000:.1f} ms, max = {lat[-1] * 1000:.1f} ms")
         return reloads, lat
 
     # -- teardown ---------------------------------------------------------------------------
