@@ -387,6 +387,37 @@ impl Applier {
         plan.ok_or_else(|| "the haproxy template was not rendered".into())
     }
 
+    /// In supervise mode, starts HAProxy on the installed file when there is one and it passes
+    /// `haproxy -c`, so that a restart during a source outage keeps the node serving. dest is
+    /// not touched; the first apply then reloads (or does nothing) as usual.
+    pub async fn start_installed(&mut self) {
+        if !self.controller.needs_start() {
+            return;
+        }
+        let Some(t) = self.config.haproxy_template() else {
+            return;
+        };
+        if !t.dest.exists() {
+            return;
+        }
+        let check = self.check();
+        match crate::haproxy::validate::check(&check.binary, &t.dest, check.timeout).await {
+            Ok(_) => match self.controller.start_installed().await {
+                Ok(true) => {
+                    self.proven = self.haproxy_file_id();
+                    tracing::info!(file = %t.dest.display(), "HAProxy started on the installed config while the source is read");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start HAProxy on the installed config; waiting for the source")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "the installed config does not pass haproxy -c; waiting for the source")
+            }
+        }
+    }
+
     /// Identifies the installed HAProxy file (device, inode, size, mtime), so that a later
     /// apply knows whether it is still the file this process proved.
     fn haproxy_file_id(&self) -> Option<(u64, u64, u64, i64, i64)> {

@@ -24,7 +24,8 @@ pub enum Failure {
     Usage(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0:#}")]
+    // Our error types carry their causes in their messages: `{:#}` would print each twice.
+    #[error("{0}")]
     Runtime(#[from] anyhow::Error),
 }
 
@@ -421,8 +422,10 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
 
     tracing::info!(config = %config.origin, "haconfd running");
     let wait = config.wait;
+    let mut applier = Applier::new(config, templates, metrics);
+    applier.start_installed().await;
     let daemon = Daemon {
-        applier: Applier::new(config, templates, metrics),
+        applier,
         config_path: cs.path().map(Path::to_path_buf),
         notifier: Arc::clone(&notifier),
     };

@@ -635,3 +635,43 @@ fn exhausting_the_spare_slots_is_one_reload_that_regrows_them() {
     assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }
+
+#[test]
+fn a_restart_while_the_source_is_unreadable_serves_the_installed_config() {
+    let a = Backend::start("backend-A");
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &[at("a", &a)])], ""),
+        supervise(),
+    );
+    lb.reach("web", "backend-A");
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+    let installed = lb.dest();
+
+    // The source is gone (an etcd outage looks the same from here): the node restarts anyway.
+    std::fs::remove_file(&lb.ws.registry).expect("remove the registry");
+    lb.daemon = lb.ws.spawn_run();
+    let info = wait_for(SETTLE, "HAProxy started on the installed config", || {
+        lb.proc().filter(|p| p.workers > 0)
+    });
+    lb.masters.push(PidGuard(Some(info.master_pid)));
+    lb.reach("web", "backend-A");
+    assert!(
+        lb.log().contains("HAProxy started on the installed config"),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(
+        lb.dest(),
+        installed,
+        "dest is untouched while the source is unreadable"
+    );
+
+    // The source comes back with the same data: nothing to reload.
+    lb.ws
+        .write_registry(registry(&[("web", &[at("a", &a)])], ""));
+    lb.wait_applied("none", 1);
+    assert_eq!(lb.proc().map(|p| p.reloads), Some(info.reloads));
+    lb.reach("web", "backend-A");
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}

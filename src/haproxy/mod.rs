@@ -177,6 +177,25 @@ impl Controller {
         }
     }
 
+    /// Starts a supervised HAProxy on the file already installed, before the source answers:
+    /// a node that restarts during a source outage serves its last good config instead of
+    /// nothing. The caller has proven the file. No-op in other modes or once running.
+    pub async fn start_installed(&mut self) -> Result<bool, ReloadError> {
+        if let Controller::Supervise {
+            spec,
+            timeout,
+            running: running @ None,
+        } = self
+        {
+            let sup = supervise::Supervisor::start(spec.clone(), *timeout)
+                .await
+                .map_err(ReloadError::Supervise)?;
+            *running = Some(sup);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Whether HAProxy still has to be started (supervise mode, before the first apply).
     pub fn needs_start(&self) -> bool {
         matches!(self, Controller::Supervise { running: None, .. })
