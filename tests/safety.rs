@@ -967,3 +967,25 @@ fn a_value_that_fails_haproxy_c_through_etcd_holds_back_only_its_key() {
     wait_metric(admin, "haconfd_held_back_keys", 0.0);
     assert_eq!(daemon.terminate(Duration::from_secs(15)), Some(0));
 }
+
+#[test]
+fn a_restart_over_a_wiped_etcd_keeps_the_installed_config() {
+    let etcd = Etcd::start();
+    etcd.put("/services/web/w1", "127.0.0.1:18701");
+    etcd.put("/services/web/w2", "127.0.0.1:18702");
+    let (ws, mut daemon, admin) = start_over_etcd(&etcd, "10m");
+    let before = wait_dest(&ws, "both instances", |t| ids(t) == ["w1", "w2"]);
+    assert_eq!(daemon.terminate(Duration::from_secs(15)), Some(0));
+
+    // etcd is wiped while haconfd is down; it starts again over the empty registry.
+    etcd.delete_prefix("/services/");
+    let daemon = ws.spawn_run();
+    wait_log(&daemon, "guard: the registry is empty");
+    wait_for(SETTLE, "the hold counted", || {
+        metric(admin, "haconfd_guard_holds_total").filter(|n| *n >= 1.0)
+    });
+    assert_eq!(ws.dest_text().as_deref(), Some(before.as_str()));
+    // Confirmed, the empty registry applies.
+    signal(daemon.pid(), Signal::SIGUSR1);
+    wait_dest(&ws, "the confirmed empty registry", |t| ids(t).is_empty());
+}
