@@ -37,6 +37,8 @@ pub struct Guard {
     empty_since: Option<Instant>,
     /// The operator confirmed: the next decision holds nothing.
     confirmed: bool,
+    /// Per service, the most instances applied within `confirm_after`, and since when.
+    baselines: BTreeMap<String, (usize, Instant)>,
 }
 
 /// What the guard decided for one apply.
@@ -63,6 +65,7 @@ impl Guard {
             holds: BTreeMap::new(),
             empty_since: None,
             confirmed: false,
+            baselines: BTreeMap::new(),
         }
     }
 
@@ -77,6 +80,7 @@ impl Guard {
         self.holds.clear();
         self.empty_since = None;
         self.confirmed = true;
+        self.baselines.clear();
     }
 
     /// Decides what to render. `last` is the registry applied last (None before the first
@@ -137,8 +141,21 @@ impl Guard {
             .collect();
 
         let mut holds = BTreeMap::new();
+        // Drops are measured from the most instances a service had applied within the last
+        // `confirm_after`, not just from the last apply: leases expire over several seconds,
+        // and 4 -> 3 -> 2 -> 1 in four applies is the same collapse as 4 -> 1 in one.
+        self.baselines
+            .retain(|name, _| last_by_name.contains_key(name.as_str()));
         for (name, old) in &last_by_name {
-            let applied = old.instances.len();
+            let now_applied = old.instances.len();
+            let base = self
+                .baselines
+                .entry(name.to_string())
+                .or_insert((now_applied, now));
+            if now_applied >= base.0 || now.duration_since(base.1) >= confirm_after {
+                *base = (now_applied, now);
+            }
+            let applied = base.0;
             if applied == 0 {
                 continue;
             }
@@ -157,6 +174,8 @@ impl Guard {
             };
             if now.duration_since(since) >= confirm_after {
                 tracing::warn!(service = %name, applied, wanted = wanted_n, "held shrink persisted for confirm_after: applying it");
+                // The shrunk state is the new reference.
+                self.baselines.insert(name.to_string(), (wanted_n, now));
                 continue;
             }
             holds.insert(
@@ -340,5 +359,66 @@ mod tests {
         let mut g = guard();
         let d = g.decide(None, Registry::default(), false, Instant::now());
         assert!(!d.held_empty);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_collapse_spread_over_several_applies_is_still_held() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let step = Duration::from_secs(4);
+        let other = ("api", 2);
+        g.decide(
+            Some(&reg(&[("web", 4), other])),
+            reg(&[("web", 4), other]),
+            true,
+            t0,
+        );
+        let d = g.decide(
+            Some(&reg(&[("web", 4), other])),
+            reg(&[("web", 3), other]),
+            true,
+            t0 + step,
+        );
+        assert!(d.held.is_empty(), "25 % is a small drop");
+        let d = g.decide(
+            Some(&reg(&[("web", 3), other])),
+            reg(&[("web", 2), other]),
+            true,
+            t0 + step * 2,
+        );
+        assert!(
+            d.held.is_empty(),
+            "50 % of the 4 seen within confirm_after is allowed"
+        );
+        let d = g.decide(
+            Some(&reg(&[("web", 2), other])),
+            reg(&[("web", 1), other]),
+            true,
+            t0 + step * 3,
+        );
+        assert_eq!(
+            d.held.len(),
+            1,
+            "75 % of the 4 seen within confirm_after is a collapse"
+        );
+        assert_eq!(count(&d.registry, "web"), 2);
+        // A slow scale-down, one step per confirm_after, is never held.
+        let mut g = guard();
+        let slow = Duration::from_secs(601);
+        g.decide(
+            Some(&reg(&[("web", 4), other])),
+            reg(&[("web", 4), other]),
+            true,
+            t0,
+        );
+        for (i, n) in [3usize, 2, 1].into_iter().enumerate() {
+            let d = g.decide(
+                Some(&reg(&[("web", n + 1), other])),
+                reg(&[("web", n), other]),
+                true,
+                t0 + slow * (i as u32 + 1),
+            );
+            assert!(d.held.is_empty(), "step to {n}");
+        }
     }
 }

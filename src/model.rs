@@ -444,11 +444,10 @@ fn json_problem(e: &serde_json::Error) -> String {
         return "field state: must be \"ready\", \"drain\" or \"maint\"".into();
     }
     if msg.starts_with("unknown field") {
-        // "unknown field `x`, expected one of …": the field name comes from the input.
-        let name = msg.split('`').nth(1).map(safe_name).unwrap_or("<name>");
-        return format!(
-            "unknown field {name} (known: addr, weight, state, meta / hosts, paths, balance, check)"
-        );
+        // "unknown field `x`, expected one of …": the name is part of the value, so it is not
+        // repeated (the key is enough to find it).
+        return "an unknown field (known: addr, weight, state, meta / hosts, paths, balance, check)"
+            .into();
     }
     match e.classify() {
         serde_json::error::Category::Data => {
