@@ -66,14 +66,22 @@ pub fn route(method: &str, path: &str, metrics: &Metrics) -> (&'static str, &'st
             metrics.encode(),
         ),
         "/healthz" => ("200 OK", TEXT, "ok\n".into()),
-        "/readyz" => match metrics.readiness() {
-            Ok(()) => ("200 OK", TEXT, "ready\n".into()),
-            Err(why) => (
-                "503 Service Unavailable",
-                TEXT,
-                format!("not ready: {why}\n"),
-            ),
-        },
+        "/readyz" => {
+            // What is held back follows the verdict, one line each.
+            let detail: String = metrics
+                .held_detail()
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect();
+            match metrics.readiness() {
+                Ok(()) => ("200 OK", TEXT, format!("ready\n{detail}")),
+                Err(why) => (
+                    "503 Service Unavailable",
+                    TEXT,
+                    format!("not ready: {why}\n{detail}"),
+                ),
+            }
+        }
         _ => (
             "404 Not Found",
             TEXT,
@@ -97,6 +105,14 @@ mod tests {
         m.source_update(1);
         m.applied(ApplyKind::Start, 1);
         assert_eq!(route("GET", "/readyz", &m).0, "200 OK");
+        m.set_held(&["web".into()], &["/services/api/a1".into()]);
+        let body = route("GET", "/readyz", &m).2;
+        assert!(body.starts_with("ready\n"), "{body}");
+        assert!(
+            body.contains("guard holds (SIGUSR1 confirms): web"),
+            "{body}"
+        );
+        assert!(body.contains("/services/api/a1"), "{body}");
         assert!(route("GET", "/metrics", &m).2.ends_with("# EOF\n"));
         assert_eq!(route("POST", "/metrics", &m).0, "405 Method Not Allowed");
         assert_eq!(route("GET", "/nope", &m).0, "404 Not Found");

@@ -235,7 +235,6 @@ impl Applier {
                 }
             }
         };
-        self.metrics.set_held_back(held_back.len() as u64);
         let hash = hash(&rendered);
         let changed: Vec<String> = installed
             .iter()
@@ -263,7 +262,7 @@ impl Applier {
                 .observe(reload_started.elapsed().as_secs_f64());
         }
         self.metrics.applied(kind, update.snapshot.revision);
-        self.metrics.set_held_services(held.len());
+        self.metrics.set_held(&held, &held_back);
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -50,6 +50,8 @@ pub struct Metrics {
     last_update_ms: AtomicU64,
     /// Why the source is not connected, if it is not.
     source_problem: Mutex<Option<String>>,
+    /// What the last apply held: guard-held services and held-back keys, for `/readyz`.
+    held_detail: Mutex<(Vec<String>, Vec<String>)>,
     registry: Registry,
 }
 
@@ -76,6 +78,7 @@ impl Default for Metrics {
             applied_once: AtomicBool::new(false),
             last_update_ms: AtomicU64::new(0),
             source_problem: Mutex::new(None),
+            held_detail: Mutex::new((Vec::new(), Vec::new())),
             registry: Registry::with_prefix("haconfd"),
         };
         m.register()
@@ -201,16 +204,35 @@ impl Metrics {
         self.rejected_keys.get().max(0) as u64
     }
 
-    pub fn set_held_back(&self, n: u64) {
-        self.held_back_keys.set(n as i64);
-    }
-
     pub fn held_back(&self) -> u64 {
         self.held_back_keys.get().max(0) as u64
     }
 
-    pub fn set_held_services(&self, n: usize) {
-        self.held_services.set(n as i64);
+    /// Records what the last apply held back: guard-held services and isolated keys.
+    pub fn set_held(&self, services: &[String], keys: &[String]) {
+        self.held_services.set(services.len() as i64);
+        self.held_back_keys.set(keys.len() as i64);
+        if let Ok(mut d) = self.held_detail.lock() {
+            *d = (services.to_vec(), keys.to_vec());
+        }
+    }
+
+    /// Lines for `/readyz` about what is held back, empty when nothing is.
+    pub fn held_detail(&self) -> Vec<String> {
+        let Ok(d) = self.held_detail.lock() else {
+            return Vec::new();
+        };
+        let mut lines = Vec::new();
+        if !d.0.is_empty() {
+            lines.push(format!(
+                "guard holds (SIGUSR1 confirms): {}",
+                d.0.join(", ")
+            ));
+        }
+        if !d.1.is_empty() {
+            lines.push(format!("held back, fail haproxy -c: {}", d.1.join(", ")));
+        }
+        lines
     }
 
     pub fn applied_revision(&self) -> i64 {
