@@ -656,10 +656,14 @@ fn a_restart_while_the_source_is_unreadable_serves_the_installed_config() {
     });
     lb.masters.push(PidGuard(Some(info.master_pid)));
     lb.reach("web", "backend-A");
-    assert!(
-        lb.log().contains("HAProxy started on the installed config"),
-        "{}",
-        lb.log()
+    wait_for(
+        SETTLE,
+        "the start on the installed config in the log",
+        || {
+            lb.log()
+                .contains("HAProxy started on the installed config")
+                .then_some(())
+        },
     );
     assert_eq!(
         lb.dest(),
