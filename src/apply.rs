@@ -142,6 +142,7 @@ impl Applier {
         Check {
             binary: self.config.haproxy.binary.clone(),
             timeout: self.config.haproxy.check_timeout,
+            user: self.config.haproxy.check_user.clone(),
         }
     }
 
@@ -400,7 +401,23 @@ impl Applier {
             return;
         }
         let check = self.check();
-        match crate::haproxy::validate::check(&check.binary, &t.dest, check.timeout).await {
+        // The installed file keeps its owner: a copy is checked, so it can be handed over.
+        let copy = match install::stage(&t.dest, &std::fs::read(&t.dest).unwrap_or_default()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot stage a copy of the installed config to check it");
+                return;
+            }
+        };
+        let verdict = crate::haproxy::validate::check_as(
+            &check.binary,
+            &copy,
+            check.timeout,
+            check.user.as_deref(),
+        )
+        .await;
+        let _ = std::fs::remove_file(&copy);
+        match verdict {
             Ok(_) => match self.controller.start_installed().await {
                 Ok(true) => {
                     self.proven = self.haproxy_file_id();

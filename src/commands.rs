@@ -183,6 +183,12 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
         .prefix("haconfd-check-")
         .tempdir()
         .map_err(|e| Failure::Runtime(e.into()))?;
+    if config.haproxy.check_user.is_some() {
+        // The check user must reach the file (which it is handed) inside the private dir.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| Failure::Runtime(e.into()))?;
+    }
     let mut failed = 0;
     for r in select(&rendered, &config, template)? {
         if !r.template.check {
@@ -191,7 +197,14 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
         }
         let path = dir.path().join(format!("{}.cfg", r.template.name));
         std::fs::write(&path, &r.bytes).map_err(|e| Failure::Runtime(e.into()))?;
-        match validate::check(&config.haproxy.binary, &path, config.haproxy.check_timeout).await {
+        let verdict = validate::check_as(
+            &config.haproxy.binary,
+            &path,
+            config.haproxy.check_timeout,
+            config.haproxy.check_user.as_deref(),
+        )
+        .await;
+        match verdict {
             Ok(_) => eprintln!("{}: valid", r.template.name),
             Err(e) => {
                 eprintln!("{}: {e}", r.template.name);

@@ -176,6 +176,8 @@ struct RawHaproxy {
     check_timeout: String,
     #[serde(default = "default_spare_slots")]
     spare_slots: u32,
+    #[serde(default)]
+    check_user: String,
 }
 
 impl Default for RawHaproxy {
@@ -191,6 +193,7 @@ impl Default for RawHaproxy {
             reload_timeout: default_reload_timeout(),
             check_timeout: default_check_timeout(),
             spare_slots: default_spare_slots(),
+            check_user: String::new(),
         }
     }
 }
@@ -415,6 +418,8 @@ pub struct HaproxyConfig {
     pub reload_timeout: Duration,
     pub check_timeout: Duration,
     pub spare_slots: u32,
+    /// Run `haproxy -c` as this user when haconfd runs as root; None: as haconfd.
+    pub check_user: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -870,6 +875,14 @@ fn validate_haproxy(raw: RawHaproxy) -> Result<HaproxyConfig, ConfigError> {
             "use a number from 0 to 1000",
         ));
     }
+    if !raw.check_user.is_empty() && !is_token(&raw.check_user) {
+        return Err(invalid(
+            "haproxy.check_user",
+            &raw.check_user,
+            "is not a user name",
+            "write a name like \"haproxy\" or \"nobody\", or \"\" to check as haconfd's own user",
+        ));
+    }
     Ok(HaproxyConfig {
         mode,
         binary: raw.binary,
@@ -881,6 +894,7 @@ fn validate_haproxy(raw: RawHaproxy) -> Result<HaproxyConfig, ConfigError> {
         reload_timeout: duration("haproxy.reload_timeout", &raw.reload_timeout)?,
         check_timeout: duration("haproxy.check_timeout", &raw.check_timeout)?,
         spare_slots: raw.spare_slots,
+        check_user: (!raw.check_user.is_empty()).then_some(raw.check_user),
     })
 }
 

@@ -44,6 +44,7 @@ fn haproxy_check() -> Check {
     Check {
         binary: "haproxy".into(),
         timeout: Duration::from_secs(60),
+        user: None,
     }
 }
 
@@ -324,5 +325,99 @@ fn a_new_mode_is_applied_to_unchanged_bytes() {
         stamp(&ws.dest).0,
         ino,
         "the bytes did not change: no new file"
+    );
+}
+
+/// `[haproxy] check_user`: `haproxy -c` runs `lua-load` code, so as root haconfd can run it as
+/// an unprivileged user. A probe script tries to write into a directory only root may write:
+/// as root it can (the positive control), as `nobody` it cannot, and both checks pass.
+#[test]
+fn check_user_runs_haproxy_c_without_privilege() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let private = root.join("private");
+    std::fs::create_dir(&private).expect("private dir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let marker = private.join("marker");
+    let probe = root.join("probe.lua");
+    std::fs::write(
+        &probe,
+        format!(
+            "local f = io.open(\"{}\", \"w\")\nif f then f:write(\"x\") f:close() end\n",
+            marker.display()
+        ),
+    )
+    .expect("probe");
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let template = root.join("t.tera");
+    std::fs::write(
+        &template,
+        format!(
+            "global\n    lua-load {}\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n",
+            probe.display()
+        ),
+    )
+    .expect("template");
+    std::fs::write(root.join("registry.yaml"), "services: {}\n").expect("registry");
+    let config = |user: &str| {
+        let path = root.join("haconfd.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nkind = \"file\"\n[file]\npath = \"{}\"\n[[template]]\nname = \"haproxy\"\nsrc = \"{}\"\ndest = \"{}\"\n[haproxy]\nmode = \"none\"\ncheck_user = \"{user}\"\n",
+                root.join("registry.yaml").display(),
+                template.display(),
+                root.join("out/haproxy.cfg").display(),
+            ),
+        )
+        .expect("config");
+        path
+    };
+
+    let path = config("");
+    let out = common::haconfd(&["check", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        marker.exists(),
+        "positive control: as root the probe writes its marker"
+    );
+    std::fs::remove_file(&marker).expect("remove marker");
+
+    let path = config("nobody");
+    let out = common::haconfd(&["check", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !marker.exists(),
+        "as nobody the probe cannot write into a root-only directory"
+    );
+    // The one-shot install path drops privileges the same way, and hands the file back.
+    let out = common::haconfd(&["render", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!marker.exists(), "the install's check ran as nobody too");
+    let installed = std::fs::metadata(root.join("out/haproxy.cfg")).expect("installed");
+    assert_eq!(
+        installed.uid(),
+        0,
+        "the installed file belongs to root again"
     );
 }

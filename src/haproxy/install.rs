@@ -55,6 +55,8 @@ pub enum Outcome {
 pub struct Check {
     pub binary: String,
     pub timeout: Duration,
+    /// Run `haproxy -c` as this user when haconfd runs as root (`[haproxy] check_user`).
+    pub user: Option<String>,
 }
 
 /// The path of the last-good copy kept beside `dest`.
@@ -156,7 +158,7 @@ async fn finish(
     check: Option<&Check>,
 ) -> Result<(), InstallError> {
     if let Some(c) = check {
-        validate::check(&c.binary, staged, c.timeout).await?;
+        validate::check_as(&c.binary, staged, c.timeout, c.user.as_deref()).await?;
     }
     set_owner(staged, t)?;
     fs::set_permissions(staged, fs::Permissions::from_mode(t.mode))

@@ -21,6 +21,8 @@ pub enum ValidateError {
     },
     #[error("haproxy -c on {file} did not finish within {timeout:?}; killed")]
     Timeout { file: String, timeout: Duration },
+    #[error("haproxy.check_user {0:?} does not exist on this host")]
+    NoUser(String),
     #[error("cannot run {binary:?}: {source}")]
     Spawn {
         binary: String,
@@ -34,7 +36,56 @@ pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 /// Runs `binary -c -f file` and returns its output on success (warnings included).
 pub async fn check(binary: &str, file: &Path, timeout: Duration) -> Result<String, ValidateError> {
+    check_as(binary, file, timeout, None).await
+}
+
+/// [`check`], run as `user` (with that user's primary group and no supplementary groups) when
+/// haconfd runs as root: `haproxy -c` executes `lua-load` code, so a config that slipped past
+/// every other screen runs with no privilege. The file is handed to the user for the check and
+/// taken back after it. `None`, or not running as root: run as haconfd itself.
+pub async fn check_as(
+    binary: &str,
+    file: &Path,
+    timeout: Duration,
+    user: Option<&str>,
+) -> Result<String, ValidateError> {
+    let drop_to = match user {
+        Some(name) if nix::unistd::geteuid().is_root() => {
+            let u = nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ValidateError::NoUser(name.to_owned()))?;
+            Some((u.uid.as_raw(), u.gid.as_raw()))
+        }
+        _ => None,
+    };
+    if let Some((uid, gid)) = drop_to {
+        std::os::unix::fs::chown(file, Some(uid), Some(gid)).map_err(|source| {
+            ValidateError::Spawn {
+                binary: binary.to_owned(),
+                source,
+            }
+        })?;
+    }
+    let result = run_check(binary, file, timeout, drop_to).await;
+    if drop_to.is_some() {
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        let _ = std::os::unix::fs::chown(file, Some(uid.as_raw()), Some(gid.as_raw()));
+    }
+    result
+}
+
+async fn run_check(
+    binary: &str,
+    file: &Path,
+    timeout: Duration,
+    drop_to: Option<(u32, u32)>,
+) -> Result<String, ValidateError> {
     let mut cmd = Command::new(binary);
+    if let Some((uid, gid)) = drop_to {
+        // std drops supplementary groups when it switches from root to `uid`.
+        cmd.uid(uid).gid(gid);
+    }
     cmd.arg("-c")
         .arg("-f")
         .arg(file)
