@@ -319,9 +319,18 @@ impl Apply for Daemon {
         }
         // Nothing is written before the source's first successful read.
         let Some(update) = update else { return };
-        let span = tracing::info_span!("apply", etcd.revision = update.snapshot.revision);
-        match self.applier.apply(&update).instrument(span).await {
+        let span = tracing::info_span!(
+            "apply",
+            etcd.revision = update.snapshot.revision,
+            config.hash = tracing::field::Empty,
+            apply.kind = tracing::field::Empty,
+        );
+        let result = self.applier.apply(&update).instrument(span.clone()).await;
+        let _in_span = span.enter();
+        match result {
             Ok(r) => {
+                span.record("config.hash", r.hash.as_str());
+                span.record("apply.kind", r.kind.as_str());
                 tracing::info!(
                     apply.kind = r.kind.as_str(),
                     held = ?r.held,
