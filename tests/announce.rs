@@ -624,7 +624,7 @@ impl FakeDocker {
                     (
                         "200 OK",
                         format!(
-                            r#"{{"Id":"0123abcd","Name":"/web-1","State":{{"Status":"running","Running":true}},"NetworkSettings":{{"IPAddress":"172.17.0.2","Ports":{ports}}}}}"#
+                            r#"{{"Id":"0123abcd","Name":"/web-1","State":{{"Status":"running","Running":true}},"NetworkSettings":{{"IPAddress":"127.0.0.2","Ports":{ports}}}}}"#
                         ),
                     )
                 } else {

@@ -165,7 +165,7 @@ fn the_server_line_matcher_is_strict() {
         "    server srv1 127.0.0.1:8080 weight 100  # g1 lua-load /x",
         "    server srv1 127.0.0.1:8080 weight 100 backup  # g1",
         "    server srv1 127.0.0.2:8080 weight 100  # g1",
-        "    server srv1 10.0.0.1:8080 weight 100  # g1",
+        "    server srv1 [::1]:8080 weight 100  # g1",
         "    server srv1 127.0.0.1:99999 weight 100  # g1",
         "    server srv1 127.0.0.1:80 weight 300  # g1",
         "    server srv1 127.0.0.1:80 weight 1  # g\"1",

@@ -239,7 +239,7 @@ impl Spec {
                     "--addr",
                     addr,
                     &e,
-                    "write HOST:PORT, like 10.0.0.5:8080, [2001:db8::5]:8080 or web1.internal:8080",
+                    "write HOST:PORT, like 127.0.0.1:8080, [::1]:8080 or web1.internal:8080",
                 )
             })?;
             if unspecified(&host) {
@@ -281,7 +281,7 @@ impl Spec {
                 "--addr",
                 text,
                 "has a port, but with --docker-container the port comes from Docker",
-                "give only the host, like --addr 10.0.0.5, or use --docker-host-ip",
+                "give only the host, like --addr web1.internal, or use --docker-host-ip",
             ));
         }
         let host = parse_host(text).map_err(|e| {
@@ -289,7 +289,7 @@ impl Spec {
                 flag,
                 text,
                 &e,
-                "give the host HAProxy reaches the published port on, like 10.0.0.5",
+                "give the host HAProxy reaches the published port on, like web1.internal",
             )
         })?;
         if flag == "--docker-host-ip" && matches!(host, Host::Name(_)) {
@@ -297,7 +297,7 @@ impl Spec {
                 flag,
                 text,
                 "is not an IP address",
-                "write an IP address like 10.0.0.5, or a host name with --addr",
+                "write an IP address like 127.0.0.1, or a host name with --addr",
             ));
         }
         if unspecified(&host) {
@@ -720,30 +720,30 @@ mod tests {
 
     #[test]
     fn plain_and_json_values() {
-        assert_eq!(value(&["--addr", "10.0.0.5:8080"]), "10.0.0.5:8080");
+        assert_eq!(value(&["--addr", "127.0.0.5:8080"]), "127.0.0.5:8080");
         assert_eq!(value(&["--addr", "[::1]:80"]), "[::1]:80");
         assert_eq!(value(&["--addr", "Web1.Internal:80"]), "web1.internal:80");
         assert_eq!(
-            value(&["--addr", "10.0.0.5:8080", "--weight", "7"]),
-            r#"{"addr":"10.0.0.5:8080","weight":7}"#
+            value(&["--addr", "127.0.0.5:8080", "--weight", "7"]),
+            r#"{"addr":"127.0.0.5:8080","weight":7}"#
         );
         assert_eq!(
             value(&[
                 "--addr",
-                "10.0.0.5:8080",
+                "127.0.0.5:8080",
                 "--meta",
                 "zone=a",
                 "--meta",
                 "v=2"
             ]),
-            r#"{"addr":"10.0.0.5:8080","meta":{"v":"2","zone":"a"}}"#
+            r#"{"addr":"127.0.0.5:8080","meta":{"v":"2","zone":"a"}}"#
         );
     }
 
     #[test]
     fn bad_arguments_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--addr", "10.0.0.5"], "--addr \"10.0.0.5\""),
+            (&["--addr", "127.0.0.5"], "--addr \"127.0.0.5\""),
             (&["--addr", "0.0.0.0:80"], "--addr"),
             (&[], "--addr is missing"),
             (&["--addr", "1.2.3.4:80", "--id=-x"], "--id"),
