@@ -4,7 +4,7 @@
 //! prove, rename) → reload once when anything changed. When a later step fails, every file this
 //! apply installed is put back, so the set of files on disk stays one consistent generation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,6 +113,8 @@ pub struct Applier {
     guard: Guard,
     slots: Slots,
     parse_cache: ParseCache,
+    /// The per-service counts last written to the guard file.
+    written_counts: Option<BTreeMap<String, usize>>,
     /// The HAProxy file this process installed after proving it (see `haproxy_file_id`).
     proven: Option<(u64, u64, u64, i64, i64)>,
     /// The registry rendered by the last successful apply.
@@ -124,8 +126,14 @@ pub struct Applier {
 impl Applier {
     pub fn new(config: Config, templates: Templates, metrics: Arc<Metrics>) -> Applier {
         let controller = Controller::new(&config);
+        let mut guard = Guard::new(config.guard);
+        let remembered = guard_file(&config).and_then(|p| read_counts(&p));
+        if let Some(counts) = remembered.clone() {
+            guard.remember(counts);
+        }
         Applier {
-            guard: Guard::new(config.guard),
+            guard,
+            written_counts: remembered,
             slots: Slots::default(),
             parse_cache: ParseCache::default(),
             proven: None,
@@ -174,9 +182,15 @@ impl Applier {
             self.metrics.guard_holds.inc();
         }
         if decision.held_empty {
-            tracing::warn!(
-                "guard: the registry is empty; keeping the last good config (SIGUSR1 confirms)"
-            );
+            if decision.held.is_empty() {
+                tracing::warn!(
+                    "guard: the registry is empty; keeping the last good config (SIGUSR1 confirms)"
+                );
+            } else {
+                tracing::warn!(
+                    "guard: the registry collapsed since the last run; keeping the installed config (SIGUSR1 confirms)"
+                );
+            }
             if self.last.is_none() {
                 // Nothing applied by this process yet: the installed file is the last good one.
                 return Ok(Report {
@@ -267,6 +281,7 @@ impl Applier {
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.remember_counts(&registry);
         self.last = Some(registry);
         Ok(Report {
             kind,
@@ -464,6 +479,32 @@ impl Applier {
         }
     }
 
+    /// Writes the per-service instance counts beside the HAProxy file when they changed, so
+    /// that the guard of the next run has a reference before it applies anything. Advisory:
+    /// no fsync, and a failure is only logged.
+    fn remember_counts(&mut self, registry: &Registry) {
+        let counts = Guard::counts(registry);
+        if self.written_counts.as_ref() == Some(&counts) {
+            return;
+        }
+        let Some(path) = guard_file(&self.config) else {
+            return;
+        };
+        let text = match serde_json::to_vec(&counts) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => self.written_counts = Some(counts),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(file = %path.display(), error = %e, "cannot remember instance counts for the guard");
+            }
+        }
+    }
+
     /// Releases every guard hold; the next apply takes the source's state as it is.
     pub fn confirm(&mut self) {
         self.guard.confirm();
@@ -520,6 +561,25 @@ fn culprits_of(
         &lines,
         &registry.services,
     )
+}
+
+/// Where the guard's per-service counts live: a hidden file beside the HAProxy file, so that
+/// it survives restarts and reboots with the file it describes.
+fn guard_file(config: &Config) -> Option<std::path::PathBuf> {
+    let t = config.haproxy_template().or(config.templates.first())?;
+    let name = t.dest.file_name()?.to_string_lossy().into_owned();
+    Some(t.dest.with_file_name(format!(".{name}.haconfd-guard.json")))
+}
+
+fn read_counts(path: &std::path::Path) -> Option<BTreeMap<String, usize>> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable guard file");
+            None
+        }
+    }
 }
 
 /// How many services one apply may isolate before it gives up.

@@ -39,6 +39,10 @@ pub struct Guard {
     confirmed: bool,
     /// Per service, the most instances applied within `confirm_after`, and since when.
     baselines: BTreeMap<String, (usize, Instant)>,
+    /// Counts applied by the previous run, until this process applies something.
+    remembered: Option<BTreeMap<String, usize>>,
+    /// Since when the registry has been collapsed against `remembered`.
+    collapse_since: Option<Instant>,
 }
 
 /// What the guard decided for one apply.
@@ -66,7 +70,60 @@ impl Guard {
             empty_since: None,
             confirmed: false,
             baselines: BTreeMap::new(),
+            remembered: None,
+            collapse_since: None,
         }
+    }
+
+    /// The per-service instance counts applied by the previous run (see [`Guard::counts`]), the
+    /// reference until this process applies something.
+    pub fn remember(&mut self, counts: BTreeMap<String, usize>) {
+        self.remembered = Some(counts);
+    }
+
+    /// Per-service instance counts of a registry, to be remembered across restarts.
+    pub fn counts(registry: &Registry) -> BTreeMap<String, usize> {
+        registry
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.instances.len()))
+            .collect()
+    }
+
+    /// Services that lost more than `max_drop_percent` since the counts remembered from the
+    /// last run, with since when this state has been seen.
+    fn collapsed_since_last_run(
+        &mut self,
+        wanted: &Registry,
+        installed: bool,
+        now: Instant,
+    ) -> Option<(Vec<Hold>, Instant)> {
+        let remembered = self.remembered.as_ref().filter(|_| installed)?;
+        let held: Vec<Hold> = remembered
+            .iter()
+            .filter_map(|(name, &applied)| {
+                let wanted_n = wanted
+                    .services
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .map_or(0, |s| s.instances.len());
+                let dropped = applied.saturating_sub(wanted_n);
+                (applied > 0 && dropped * 100 > self.config.max_drop_percent as usize * applied)
+                    .then(|| Hold {
+                        service: name.clone(),
+                        applied,
+                        wanted: wanted_n,
+                        since: now,
+                        wanted_ids: Vec::new(),
+                    })
+            })
+            .collect();
+        if held.is_empty() {
+            self.collapse_since = None;
+            return None;
+        }
+        let since = *self.collapse_since.get_or_insert(now);
+        Some((held, since))
     }
 
     /// Drops every hold: the operator confirmed the new state.
@@ -81,6 +138,7 @@ impl Guard {
         self.empty_since = None;
         self.confirmed = true;
         self.baselines.clear();
+        self.remembered = None;
     }
 
     /// Decides what to render. `last` is the registry applied last (None before the first
@@ -125,6 +183,24 @@ impl Guard {
 
         let Some(last) = last else {
             self.holds.clear();
+            // Before this process applied anything, the counts it remembered from the last
+            // run are the reference: a restart over a registry that lost most of a service
+            // writes nothing until it persists for confirm_after (or SIGUSR1).
+            let collapsed = self.collapsed_since_last_run(&wanted, installed, now);
+            if let Some((held, since)) = collapsed {
+                if now.duration_since(since) < confirm_after {
+                    return Decision {
+                        registry: wanted,
+                        held,
+                        held_empty: true,
+                        release_at: Some(since + confirm_after),
+                    };
+                }
+                tracing::warn!(
+                    "collapse since the last run persisted for confirm_after: applying it"
+                );
+            }
+            self.remembered = None;
             return Decision {
                 registry: wanted,
                 held: Vec::new(),
@@ -132,6 +208,7 @@ impl Guard {
                 release_at: None,
             };
         };
+        self.remembered = None;
         let last_by_name: BTreeMap<&str, &Arc<Service>> =
             last.services.iter().map(|s| (s.name.as_str(), s)).collect();
         let wanted_by_name: BTreeMap<&str, &Arc<Service>> = wanted
@@ -420,5 +497,43 @@ mod tests {
             );
             assert!(d.held.is_empty(), "step to {n}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_over_a_collapsed_registry_writes_nothing_until_confirmed() {
+        let mut g = guard();
+        g.remember(Guard::counts(&reg(&[("web", 4), ("api", 2)])));
+        let t0 = Instant::now();
+        let d = g.decide(None, reg(&[("web", 1), ("api", 2)]), true, t0);
+        assert!(
+            d.held_empty,
+            "write nothing: the installed file is the last good one"
+        );
+        assert_eq!(d.held.len(), 1);
+        assert_eq!(d.release_at, Some(t0 + Duration::from_secs(600)));
+        // A small drop since the last run applies.
+        let mut g = guard();
+        g.remember(Guard::counts(&reg(&[("web", 4), ("api", 2)])));
+        assert!(
+            !g.decide(None, reg(&[("web", 3), ("api", 2)]), true, t0)
+                .held_empty
+        );
+        // SIGUSR1 releases it; so does confirm_after.
+        let mut g = guard();
+        g.remember(Guard::counts(&reg(&[("web", 4), ("api", 2)])));
+        g.decide(None, reg(&[("web", 1), ("api", 2)]), true, t0);
+        g.confirm();
+        assert!(
+            !g.decide(None, reg(&[("web", 1), ("api", 2)]), true, t0)
+                .held_empty
+        );
+        let mut g = guard();
+        g.remember(Guard::counts(&reg(&[("web", 4), ("api", 2)])));
+        g.decide(None, reg(&[("web", 1), ("api", 2)]), true, t0);
+        let later = t0 + Duration::from_secs(600);
+        assert!(
+            !g.decide(None, reg(&[("web", 1), ("api", 2)]), true, later)
+                .held_empty
+        );
     }
 }

@@ -187,3 +187,42 @@ fn supervised_haproxy_serves_the_registry_and_stops_with_haconfd() {
     });
     assert!(http_get(port, "web", "/").is_err(), "HAProxy still listens");
 }
+
+/// The guard remembers per-service counts beside dest: a restart over a registry that lost
+/// most of a service writes nothing until the operator confirms (or `confirm_after`).
+#[test]
+fn a_restart_over_a_collapsed_registry_keeps_the_installed_config_until_confirmed() {
+    let ws = Workspace::new("yaml");
+    let four: Vec<(&str, String)> = (1..=4)
+        .map(|i| {
+            (
+                ["w1", "w2", "w3", "w4"][i - 1],
+                format!("127.0.0.1:{}", 8080 + i),
+            )
+        })
+        .collect();
+    ws.write_registry(registry(&four));
+    ws.write_config(&Opts::default());
+    let mut daemon = ws.spawn_run();
+    let full = wait_for(SETTLE, "four instances", || {
+        ws.dest_text().filter(|t| instances(t).len() == 4)
+    });
+    assert_eq!(daemon.terminate(SETTLE), Some(0), "{}", daemon.log_text());
+
+    // Three of four vanished while haconfd was down.
+    ws.write_registry(registry(&four[..1]));
+    let mut daemon = ws.spawn_run();
+    wait_for(SETTLE, "the guard's hold in the log", || {
+        daemon
+            .log_text()
+            .contains("collapsed since the last run")
+            .then_some(())
+    });
+    assert_eq!(ws.dest_text().as_deref(), Some(full.as_str()));
+
+    common::haproxy::signal(daemon.pid(), nix::sys::signal::Signal::SIGUSR1);
+    wait_for(SETTLE, "the confirmed shrink", || {
+        ws.dest_text().filter(|t| instances(t).len() == 1)
+    });
+    assert_eq!(daemon.terminate(SETTLE), Some(0), "{}", daemon.log_text());
+}

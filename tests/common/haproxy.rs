@@ -223,6 +223,8 @@ listen = "127.0.0.1:{admin}"
                         .to_string_lossy()
                         .into_owned()
                 })
+                // The guard's per-service counts live beside dest by design.
+                .filter(|n| !n.ends_with(".haconfd-guard.json"))
                 .collect(),
             Err(_) => Vec::new(),
         };
