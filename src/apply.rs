@@ -4,7 +4,7 @@
 //! prove, rename) → reload once when anything changed. When a later step fails, every file this
 //! apply installed is put back, so the set of files on disk stays one consistent generation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,17 +64,17 @@ pub fn report_rejections(rejected: &[Rejection], metrics: &Metrics) {
     metrics.set_rejected(rejected.len() as u64);
 }
 
-/// Parses the registry of an update, reporting every key left out. With a cache, services
-/// whose keys did not change since the last call are reused.
-pub fn parse(update: &Update, metrics: &Metrics, cache: Option<&mut ParseCache>) -> Registry {
+/// Parses the registry of an update, with every key left out (by the screen or the parse),
+/// sorted by key. With a cache, services whose keys did not change since the last call are
+/// reused.
+pub fn parse(update: &Update, cache: Option<&mut ParseCache>) -> (Registry, Vec<Rejection>) {
     let (registry, mut rejected) = match cache {
         Some(c) => Registry::parse_cached(&update.snapshot, c),
         None => Registry::parse(&update.snapshot),
     };
     rejected.extend(update.rejected.iter().cloned());
     rejected.sort_by(|a, b| a.key.cmp(&b.key));
-    report_rejections(&rejected, metrics);
-    registry
+    (registry, rejected)
 }
 
 /// Parses and renders an update, unguarded, with fresh server slots (`render --print`,
@@ -84,7 +84,8 @@ pub fn render(
     update: &Update,
     metrics: &Metrics,
 ) -> Result<Vec<Rendered>, RenderError> {
-    let mut registry = parse(update, metrics, None);
+    let (mut registry, rejected) = parse(update, None);
+    report_rejections(&rejected, metrics);
     Slots::default().assign(&mut registry, templates.spare_slots(), true);
     templates.render_all(&update.snapshot, &registry)
 }
@@ -113,6 +114,8 @@ pub struct Applier {
     guard: Guard,
     slots: Slots,
     parse_cache: ParseCache,
+    /// The keys left out by the last apply, logged once each.
+    reported: HashSet<Rejection>,
     /// The per-service counts last written to the guard file.
     written_counts: Option<BTreeMap<String, usize>>,
     /// The HAProxy file this process installed after proving it (see `haproxy_file_id`).
@@ -134,6 +137,7 @@ impl Applier {
         Applier {
             guard,
             written_counts: remembered,
+            reported: HashSet::new(),
             slots: Slots::default(),
             parse_cache: ParseCache::default(),
             proven: None,
@@ -157,7 +161,8 @@ impl Applier {
     /// Renders, installs and reloads. On error the files on disk are those of before.
     pub async fn apply(&mut self, update: &Update) -> Result<Report, ApplyError> {
         let started = Instant::now();
-        let wanted = parse(update, &self.metrics, Some(&mut self.parse_cache));
+        let (wanted, rejected) = parse(update, Some(&mut self.parse_cache));
+        self.report_new_rejections(rejected);
         let t_parse = started.elapsed();
         let installed = self
             .config
@@ -477,6 +482,25 @@ impl Applier {
                 Err(e.into())
             }
         }
+    }
+
+    /// Logs the keys left out that were not left out by the previous apply (a bad key that
+    /// stays is logged once, not at every change), and the ones that came back at info; the
+    /// gauge always holds the current count.
+    fn report_new_rejections(&mut self, rejected: Vec<Rejection>) {
+        self.metrics.set_rejected(rejected.len() as u64);
+        let now: HashSet<Rejection> = rejected.into_iter().collect();
+        let mut fresh: Vec<&Rejection> = now.difference(&self.reported).collect();
+        fresh.sort_by(|a, b| a.key.cmp(&b.key));
+        for r in fresh {
+            tracing::warn!(key = %r.key, reason = %r.reason, "key left out");
+        }
+        let mut healed: Vec<&Rejection> = self.reported.difference(&now).collect();
+        healed.sort_by(|a, b| a.key.cmp(&b.key));
+        for r in healed {
+            tracing::info!(key = %r.key, "key no longer left out");
+        }
+        self.reported = now;
     }
 
     /// Writes the per-service instance counts beside the HAProxy file when they changed, so

@@ -24,7 +24,7 @@ pub const SERVICES_PREFIX: &str = "/services/";
 pub const ROUTES_PREFIX: &str = "/routes/";
 
 /// One key-value pair that was left out, with why. The key is shown escaped; the value never.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rejection {
     pub key: String,
     pub reason: String,

@@ -226,3 +226,45 @@ fn a_restart_over_a_collapsed_registry_keeps_the_installed_config_until_confirme
     });
     assert_eq!(daemon.terminate(SETTLE), Some(0), "{}", daemon.log_text());
 }
+
+/// A bad key that stays is logged once, not at every change; fixing it is logged too.
+#[test]
+fn a_bad_key_is_logged_once_while_it_stays() {
+    let ws = Workspace::new("yaml");
+    let with_bad = |port: u16, bad: &str| {
+        format!("services:\n  web:\n    w1: \"127.0.0.1:{port}\"\n    w2: \"{bad}\"\n")
+    };
+    ws.write_registry(with_bad(8081, "127.0.0.1:99999"));
+    ws.write_config(&Opts::default());
+    let mut daemon = ws.spawn_run();
+    for port in [8082, 8083] {
+        wait_for(SETTLE, "the previous change", || {
+            ws.dest_text()
+                .filter(|t| serves(t, "w1", &format!("127.0.0.1:{}", port - 1)))
+        });
+        ws.write_registry(with_bad(port, "127.0.0.1:99999"));
+    }
+    wait_for(SETTLE, "the last change", || {
+        ws.dest_text().filter(|t| serves(t, "w1", "127.0.0.1:8083"))
+    });
+    let count = |log: &str, what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains("/services/web/w2"))
+            .count()
+    };
+    assert_eq!(
+        count(&daemon.log_text(), "key left out"),
+        1,
+        "{}",
+        daemon.log_text()
+    );
+
+    ws.write_registry(with_bad(8083, "127.0.0.1:8084"));
+    wait_for(SETTLE, "the fixed key", || {
+        ws.dest_text().filter(|t| serves(t, "w2", "127.0.0.1:8084"))
+    });
+    wait_for(SETTLE, "the fix in the log", || {
+        (count(&daemon.log_text(), "key no longer left out") == 1).then_some(())
+    });
+    assert_eq!(daemon.terminate(SETTLE), Some(0), "{}", daemon.log_text());
+}
