@@ -183,10 +183,10 @@ impl Applier {
                 "guard: service would lose too many instances; keeping its last applied instances (SIGUSR1 confirms)"
             );
         }
-        if !decision.held.is_empty() || decision.held_empty {
+        if !decision.held.is_empty() || decision.hold_all {
             self.metrics.guard_holds.inc();
         }
-        if decision.held_empty {
+        if decision.hold_all {
             if decision.held.is_empty() {
                 tracing::warn!(
                     "guard: the registry is empty; keeping the last good config (SIGUSR1 confirms)"

@@ -52,8 +52,10 @@ pub struct Decision {
     pub registry: Registry,
     /// Services held in this decision.
     pub held: Vec<Hold>,
-    /// The whole registry went empty and is held.
-    pub held_empty: bool,
+    /// The whole registry is held: it went empty, or (before this process applied anything)
+    /// it collapsed since the counts the last run remembered. Before a first apply the applier
+    /// then writes nothing: the installed file is the last good config.
+    pub hold_all: bool,
     /// When the earliest hold would be released if nothing changes.
     pub release_at: Option<Instant>,
 }
@@ -156,7 +158,7 @@ impl Guard {
             return Decision {
                 registry: wanted,
                 held: Vec::new(),
-                held_empty: false,
+                hold_all: false,
                 release_at: None,
             };
         }
@@ -169,10 +171,10 @@ impl Guard {
                 let registry = last.cloned().unwrap_or_default();
                 return Decision {
                     // Before the first apply there is nothing to keep but the installed file:
-                    // an empty `services` with held_empty tells the applier to write nothing.
+                    // an empty `services` with hold_all tells the applier to write nothing.
                     registry,
                     held: Vec::new(),
-                    held_empty: true,
+                    hold_all: true,
                     release_at: Some(since + confirm_after),
                 };
             }
@@ -192,7 +194,7 @@ impl Guard {
                     return Decision {
                         registry: wanted,
                         held,
-                        held_empty: true,
+                        hold_all: true,
                         release_at: Some(since + confirm_after),
                     };
                 }
@@ -204,7 +206,7 @@ impl Guard {
             return Decision {
                 registry: wanted,
                 held: Vec::new(),
-                held_empty: false,
+                hold_all: false,
                 release_at: None,
             };
         };
@@ -293,7 +295,7 @@ impl Guard {
                 services: services.into_values().collect(),
             },
             held,
-            held_empty: false,
+            hold_all: false,
             release_at,
         }
     }
@@ -426,16 +428,16 @@ mod tests {
         let mut g = guard();
         let last = reg(&[("web", 1), ("api", 2)]);
         let d = g.decide(Some(&last), Registry::default(), true, Instant::now());
-        assert!(d.held_empty);
+        assert!(d.hold_all);
         assert_eq!(d.registry.instance_count(), 3);
         // At start-up over an installed file, an empty first read is held too.
         let mut g = guard();
         let d = g.decide(None, Registry::default(), true, Instant::now());
-        assert!(d.held_empty);
+        assert!(d.hold_all);
         // With nothing installed, an empty registry is simply empty.
         let mut g = guard();
         let d = g.decide(None, Registry::default(), false, Instant::now());
-        assert!(!d.held_empty);
+        assert!(!d.hold_all);
     }
 
     #[tokio::test(start_paused = true)]
@@ -506,7 +508,7 @@ mod tests {
         let t0 = Instant::now();
         let d = g.decide(None, reg(&[("web", 1), ("api", 2)]), true, t0);
         assert!(
-            d.held_empty,
+            d.hold_all,
             "write nothing: the installed file is the last good one"
         );
         assert_eq!(d.held.len(), 1);
@@ -516,7 +518,7 @@ mod tests {
         g.remember(Guard::counts(&reg(&[("web", 4), ("api", 2)])));
         assert!(
             !g.decide(None, reg(&[("web", 3), ("api", 2)]), true, t0)
-                .held_empty
+                .hold_all
         );
         // SIGUSR1 releases it; so does confirm_after.
         let mut g = guard();
@@ -525,7 +527,7 @@ mod tests {
         g.confirm();
         assert!(
             !g.decide(None, reg(&[("web", 1), ("api", 2)]), true, t0)
-                .held_empty
+                .hold_all
         );
         let mut g = guard();
         g.remember(Guard::counts(&reg(&[("web", 4), ("api", 2)])));
@@ -533,7 +535,7 @@ mod tests {
         let later = t0 + Duration::from_secs(600);
         assert!(
             !g.decide(None, reg(&[("web", 1), ("api", 2)]), true, later)
-                .held_empty
+                .hold_all
         );
     }
 }

@@ -2,8 +2,8 @@
 //! the state behind `/readyz`. Everything here is cheap to update from any task.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,8 +46,6 @@ pub struct Metrics {
     last_apply_timestamp: Gauge,
     /// Readiness: a first apply succeeded.
     applied_once: AtomicBool,
-    /// When the source last delivered a complete state (ms since the epoch).
-    last_update_ms: AtomicU64,
     /// Why the source is not connected, if it is not.
     source_problem: Mutex<Option<String>>,
     /// What the last apply held: guard-held services and held-back keys, for `/readyz`.
@@ -76,7 +74,6 @@ impl Default for Metrics {
             source_connected: Gauge::default(),
             last_apply_timestamp: Gauge::default(),
             applied_once: AtomicBool::new(false),
-            last_update_ms: AtomicU64::new(0),
             source_problem: Mutex::new(None),
             held_detail: Mutex::new((Vec::new(), Vec::new())),
             registry: Registry::with_prefix("haconfd"),
@@ -204,10 +201,6 @@ impl Metrics {
         self.rejected_keys.get().max(0) as u64
     }
 
-    pub fn held_back(&self) -> u64 {
-        self.held_back_keys.get().max(0) as u64
-    }
-
     /// Records what the last apply held back: guard-held services and isolated keys.
     pub fn set_held(&self, services: &[String], keys: &[String]) {
         self.held_services.set(services.len() as i64);
@@ -235,15 +228,9 @@ impl Metrics {
         lines
     }
 
-    pub fn applied_revision(&self) -> i64 {
-        self.applied_revision.get()
-    }
-
     /// The source delivered a complete state of `keys` keys.
     pub fn source_update(&self, keys: usize) {
         self.watched_keys.set(keys as i64);
-        self.last_update_ms
-            .store((unix_seconds() * 1000.0) as u64, Ordering::Relaxed);
         self.source_ok();
     }
 
@@ -279,13 +266,6 @@ impl Metrics {
             return Err(format!("source not connected: {why}"));
         }
         Ok(())
-    }
-
-    /// How long since the source last delivered a complete state, if ever.
-    pub fn since_update(&self) -> Option<Duration> {
-        let ms = self.last_update_ms.load(Ordering::Relaxed);
-        (ms > 0)
-            .then(|| Duration::from_millis(((unix_seconds() * 1000.0) as u64).saturating_sub(ms)))
     }
 }
 

@@ -245,7 +245,7 @@ pub fn parse_addr(s: &str) -> Result<(Host, u16), String> {
 }
 
 /// What an instance asks of the load balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Takes traffic.
@@ -267,7 +267,7 @@ impl State {
 }
 
 /// One instance of a service, as templates see it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Instance {
     /// The last segment of the instance's key.
     pub id: String,
@@ -283,7 +283,7 @@ pub struct Instance {
 }
 
 /// How a service is reached from the frontend.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
     pub hosts: Vec<String>,
     pub paths: Vec<String>,
@@ -293,7 +293,7 @@ pub struct Route {
 }
 
 /// One service: a backend in HAProxy.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: String,
     /// The HAProxy backend name: generated, safe, stable.
@@ -307,7 +307,7 @@ pub struct Service {
 }
 
 /// One server line of a backend.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Slot {
     /// The HAProxy server name: `srv<N>`, stable for as long as its instance lives.
     pub name: String,

@@ -7,7 +7,7 @@ pub mod runtime;
 pub mod supervise;
 pub mod validate;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,6 +20,47 @@ use crate::config::{Config, HaproxyMode};
 /// Kills a whole process group (a child started with `process_group(0)`).
 pub fn kill_group(pid: u32) {
     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// How a bounded child process ended.
+pub(crate) enum Finished {
+    /// It exited; stdout and stderr together, trailing whitespace trimmed.
+    Exited {
+        status: std::process::ExitStatus,
+        output: String,
+    },
+    /// It ran past the deadline and its whole process group was killed.
+    TimedOut,
+}
+
+/// Runs `cmd` with stdin closed and its output captured, in a process group of its own that is
+/// killed whole when it runs longer than `timeout`. An error means it could not be run.
+pub(crate) async fn run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<Finished> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out?;
+            let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+            output.push_str(&String::from_utf8_lossy(&out.stderr));
+            Ok(Finished::Exited {
+                status: out.status,
+                output: output.trim_end().to_owned(),
+            })
+        }
+        Err(_) => {
+            if let Some(pid) = pid {
+                kill_group(pid);
+            }
+            Ok(Finished::TimedOut)
+        }
+    }
 }
 
 /// A failure to make HAProxy take a new config.
@@ -154,10 +195,7 @@ impl Controller {
                 running,
             } => {
                 if running.is_none() {
-                    let sup = supervise::Supervisor::start(spec.clone(), *timeout)
-                        .await
-                        .map_err(ReloadError::Supervise)?;
-                    *running = Some(sup);
+                    self.start_installed().await?;
                     return Ok(ApplyKind::Start);
                 }
                 save_state(state).await;
@@ -177,9 +215,10 @@ impl Controller {
         }
     }
 
-    /// Starts a supervised HAProxy on the file already installed, before the source answers:
-    /// a node that restarts during a source outage serves its last good config instead of
-    /// nothing. The caller has proven the file. No-op in other modes or once running.
+    /// Starts a supervised HAProxy on the installed file: at the first apply, or before the
+    /// source answers, so that a node that restarts during a source outage serves its last
+    /// good config instead of nothing. The caller has proven the file. No-op in other modes
+    /// or once running; true when it started HAProxy.
     pub async fn start_installed(&mut self) -> Result<bool, ReloadError> {
         if let Controller::Supervise {
             spec,
@@ -264,30 +303,13 @@ async fn run_command(argv: &[String], timeout: Duration) -> Result<(), ReloadErr
         message,
     };
     let (prog, args) = argv.split_first().ok_or_else(|| err("empty argv".into()))?;
-    let child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| err(format!("cannot start: {e}")))?;
-    let pid = child.id();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => {
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            Err(err(format!("{}: {}", out.status, text.trim_end())))
-        }
-        Ok(Err(e)) => Err(err(e.to_string())),
-        Err(_) => {
-            if let Some(pid) = pid {
-                kill_group(pid);
-            }
-            Err(err(format!("did not finish within {timeout:?}; killed")))
-        }
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    match run_bounded(&mut cmd, timeout).await {
+        Ok(Finished::Exited { status, .. }) if status.success() => Ok(()),
+        Ok(Finished::Exited { status, output }) => Err(err(format!("{status}: {output}"))),
+        Ok(Finished::TimedOut) => Err(err(format!("did not finish within {timeout:?}; killed"))),
+        Err(e) => Err(err(format!("cannot start: {e}"))),
     }
 }
 
@@ -306,9 +328,4 @@ pub async fn version(binary: &str) -> String {
             .to_owned(),
         Err(e) => format!("not found ({e})"),
     }
-}
-
-/// Whether `path` is the file HAProxy loads.
-pub fn is_haproxy_file(config: &Config, path: &Path) -> bool {
-    config.haproxy_template().is_some_and(|t| t.dest == path)
 }

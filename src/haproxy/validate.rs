@@ -5,10 +5,11 @@
 //! whole on timeout. Its output is captured for the error report.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
+
+use crate::haproxy::Finished;
 
 /// Why a config was not proven.
 #[derive(Debug, thiserror::Error)]
@@ -90,45 +91,24 @@ async fn run_check(
         .arg("-f")
         .arg(file)
         .env_clear()
-        .env("PATH", SAFE_PATH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|source| ValidateError::Spawn {
-        binary: binary.to_owned(),
-        source,
-    })?;
-    let pid = child.id();
-    let file_s = file.display().to_string();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => {
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            let text = text.trim_end().to_owned();
-            // Exit 2 means "valid, but no listener": valid for a file that only holds backends.
-            match out.status.code() {
-                Some(0) | Some(2) => Ok(text),
-                code => Err(ValidateError::Rejected {
-                    file: file_s,
-                    code: code.unwrap_or(-1),
-                    output: text,
-                }),
-            }
-        }
-        Ok(Err(source)) => Err(ValidateError::Spawn {
+        .env("PATH", SAFE_PATH);
+    match crate::haproxy::run_bounded(&mut cmd, timeout).await {
+        // Exit 2 means "valid, but no listener": valid for a file that only holds backends.
+        Ok(Finished::Exited { status, output }) => match status.code() {
+            Some(0) | Some(2) => Ok(output),
+            code => Err(ValidateError::Rejected {
+                file: file.display().to_string(),
+                code: code.unwrap_or(-1),
+                output,
+            }),
+        },
+        Ok(Finished::TimedOut) => Err(ValidateError::Timeout {
+            file: file.display().to_string(),
+            timeout,
+        }),
+        Err(source) => Err(ValidateError::Spawn {
             binary: binary.to_owned(),
             source,
         }),
-        Err(_) => {
-            if let Some(pid) = pid {
-                crate::haproxy::kill_group(pid);
-            }
-            Err(ValidateError::Timeout {
-                file: file_s,
-                timeout,
-            })
-        }
     }
 }

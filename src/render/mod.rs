@@ -165,11 +165,6 @@ impl Templates {
         self.haproxy.spare_slots as usize
     }
 
-    /// The configured templates, in config order.
-    pub fn list(&self) -> &[TemplateConfig] {
-        &self.list
-    }
-
     /// Renders every template over one snapshot and its registry, in config order.
     pub fn render_all(
         &mut self,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, SourceKind};
+use crate::config::{Config, FileConfig, SourceKind};
 use crate::metrics::Metrics;
 use crate::model::{Rejection, Snapshot};
 
@@ -52,10 +52,7 @@ impl Update {
 /// revision stamped on a file read; etcd reads carry etcd's.
 pub async fn read_once(config: &Config, revision: i64) -> Result<Update, SourceError> {
     match &config.source.kind {
-        SourceKind::File(f) => {
-            let pairs = file::read(&f.path)?;
-            Ok(Update::screen(revision, &config.source.prefixes, pairs))
-        }
+        SourceKind::File(f) => read_file(f, &config.source.prefixes, revision),
         SourceKind::Etcd(e) => {
             let (revision, pairs) = etcd::read_once(e, &config.source.prefixes).await?;
             Ok(Update::screen(revision, &config.source.prefixes, pairs))
@@ -63,15 +60,8 @@ pub async fn read_once(config: &Config, revision: i64) -> Result<Update, SourceE
     }
 }
 
-fn read_file(config: &Config, revision: i64) -> Result<Update, SourceError> {
-    match &config.source.kind {
-        SourceKind::File(f) => Ok(Update::screen(
-            revision,
-            &config.source.prefixes,
-            file::read(&f.path)?,
-        )),
-        SourceKind::Etcd(_) => Err(SourceError::Etcd("not a file source".into())),
-    }
+fn read_file(f: &FileConfig, prefixes: &[String], revision: i64) -> Result<Update, SourceError> {
+    Ok(Update::screen(revision, prefixes, file::read(&f.path)?))
 }
 
 /// Reads the configured source, sends the first [`Update`], then watches it and sends a new one
@@ -89,13 +79,13 @@ pub fn spawn_watch(
     };
     // Watch before the first read, so that a change between the two is not missed.
     let (watcher, mut changes) = file::FileWatcher::start(std::slice::from_ref(&f.path))?;
-    let config = config.clone();
+    let (f, prefixes) = (f.clone(), config.source.prefixes.clone());
     Ok(tokio::spawn(async move {
         let _watcher = watcher;
         let mut revision = 0;
         let mut last: Option<Arc<Snapshot>> = None;
         loop {
-            match read_file(&config, revision + 1) {
+            match read_file(&f, &prefixes, revision + 1) {
                 Ok(update) if last.as_ref().is_some_and(|l| l.kv == update.snapshot.kv) => {}
                 Ok(update) => {
                     revision += 1;
