@@ -1,6 +1,6 @@
 //! The admin endpoint on `[admin] listen`: `/metrics` (Prometheus / OpenMetrics text),
-//! `/healthz` (the process answers) and `/readyz` (a first apply succeeded and the source is
-//! connected; otherwise 503 with a short reason). A minimal HTTP/1.1 responder: one request per
+//! `/healthz` (the process answers) and `/readyz` (a first apply succeeded and the source
+//! confirmed its state within `[admin] stale_after`; otherwise 503 with a short reason). A minimal HTTP/1.1 responder: one request per
 //! connection, bounded reads, no keep-alive.
 
 use std::net::SocketAddr;
@@ -67,10 +67,12 @@ pub fn route(method: &str, path: &str, metrics: &Metrics) -> (&'static str, &'st
         ),
         "/healthz" => ("200 OK", TEXT, "ok\n".into()),
         "/readyz" => {
-            // What is held back follows the verdict, one line each.
+            // A disconnection not yet stale and what is held back follow the verdict, one line
+            // each.
             let detail: String = metrics
-                .held_detail()
-                .iter()
+                .source_detail()
+                .into_iter()
+                .chain(metrics.held_detail())
                 .map(|l| format!("{l}\n"))
                 .collect();
             match metrics.readiness() {
@@ -113,6 +115,21 @@ mod tests {
             "{body}"
         );
         assert!(body.contains("/services/api/a1"), "{body}");
+        m.source_down("etcd unreachable");
+        let (status, _, body) = route("GET", "/readyz", &m);
+        assert_eq!(status, "200 OK", "not stale yet: {body}");
+        assert!(
+            body.starts_with("ready\nsource not connected: etcd unreachable; state stale for"),
+            "{body}"
+        );
+        m.set_stale_after(std::time::Duration::ZERO);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let (status, _, body) = route("GET", "/readyz", &m);
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(
+            body.starts_with("not ready: state stale for 0s, past stale_after 0s (source not connected: etcd unreachable)\n"),
+            "{body}"
+        );
         assert!(route("GET", "/metrics", &m).2.ends_with("# EOF\n"));
         assert_eq!(route("POST", "/metrics", &m).0, "405 Method Not Allowed");
         assert_eq!(route("GET", "/nope", &m).0, "404 Not Found");

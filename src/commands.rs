@@ -313,6 +313,9 @@ impl Apply for Daemon {
     async fn apply(&mut self, update: Option<Arc<Update>>, work: Work) {
         if work.reconfigure {
             self.applier.reconfigure(self.config_path.as_deref());
+            self.applier
+                .metrics
+                .set_stale_after(self.applier.config.admin.stale_after);
         }
         if work.confirm {
             self.applier.confirm();
@@ -444,6 +447,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
 
     tracing::info!(config = %config.origin, "haconfd running");
     let wait = config.wait;
+    metrics.set_stale_after(config.admin.stale_after);
     let mut applier = Applier::new(config, templates, metrics);
     applier.start_installed().await;
     let daemon = Daemon {

@@ -306,12 +306,15 @@ fn default_confirm_after() -> String {
 struct RawAdmin {
     #[serde(default = "default_admin_listen")]
     listen: String,
+    #[serde(default = "default_stale_after")]
+    stale_after: String,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: default_admin_listen(),
+            stale_after: default_stale_after(),
         }
     }
 }
@@ -319,6 +322,13 @@ impl Default for RawAdmin {
 fn default_admin_listen() -> String {
     "127.0.0.1:9101".into()
 }
+fn default_stale_after() -> String {
+    "30s".into()
+}
+
+/// The shortest `admin.stale_after`: the etcd source hears from etcd about once a second, so a
+/// shorter threshold would flip readiness on ordinary jitter.
+pub const MIN_STALE_AFTER: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------------------------
 // The validated config.
@@ -444,6 +454,8 @@ pub struct GuardConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// `/readyz` turns not ready once the source has not confirmed its state for this long.
+    pub stale_after: Duration,
 }
 
 impl Config {
@@ -507,6 +519,15 @@ impl Config {
                 "write it like \"127.0.0.1:9101\"",
             )
         })?;
+        let stale_after = duration("admin.stale_after", &raw.admin.stale_after)?;
+        if stale_after < MIN_STALE_AFTER {
+            return Err(invalid(
+                "admin.stale_after",
+                &raw.admin.stale_after,
+                "is shorter than 2s: the etcd source confirms its state about once a second, so /readyz would flicker",
+                "use 2s or more, like \"30s\"",
+            ));
+        }
         if matches!(haproxy.mode, HaproxyMode::Supervise | HaproxyMode::Master)
             && !templates.iter().any(|t| t.check)
         {
@@ -525,7 +546,10 @@ impl Config {
             wait,
             frontend,
             guard,
-            admin: AdminConfig { listen },
+            admin: AdminConfig {
+                listen,
+                stale_after,
+            },
         })
     }
 
@@ -1009,6 +1033,32 @@ dest = "/tmp/x.cfg"
         assert!(e.contains("`source.resync`") && e.contains("zero"), "{e}");
         let e = err(&format!("{MINIMAL}\n[guard]\nmax_drop_percent = 150\n"));
         assert!(e.contains("`guard.max_drop_percent`"), "{e}");
+    }
+
+    #[test]
+    fn stale_after_defaults_to_30s_and_rejects_nonsense() {
+        let c = Config::parse(MINIMAL, "test").expect("valid");
+        assert_eq!(c.admin.stale_after, Duration::from_secs(30));
+        let c = Config::parse(
+            &format!("{MINIMAL}\n[admin]\nstale_after = \"2m\"\n"),
+            "test",
+        )
+        .expect("valid");
+        assert_eq!(c.admin.stale_after, Duration::from_secs(120));
+        for (value, problem) in [
+            ("\"soon\"", "is not a duration"),
+            ("\"1s\"", "shorter than 2s"),
+            ("\"0s\"", "shorter than 2s"),
+        ] {
+            let e = err(&format!("{MINIMAL}\n[admin]\nstale_after = {value}\n"));
+            assert!(
+                e.contains("`admin.stale_after`")
+                    && e.contains(value)
+                    && e.contains(problem)
+                    && e.contains("fix:"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

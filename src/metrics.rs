@@ -2,8 +2,8 @@
 //! the state behind `/readyz`. Everything here is cheap to update from any task.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tokio::time::Instant;
 
 use crate::haproxy::ApplyKind;
 
@@ -43,7 +44,17 @@ pub struct Metrics {
     applied_revision: Gauge,
     watched_keys: Gauge,
     source_connected: Gauge,
+    source_stale_seconds: Gauge<f64, AtomicU64>,
     last_apply_timestamp: Gauge,
+    /// The clock behind `last_current` (tokio's, so that tests can pause it).
+    epoch: Instant,
+    /// When the source last confirmed that its state is current, in ms after `epoch`.
+    last_current: AtomicU64,
+    /// The source confirms continuously (the etcd watch answers every second), so its silence
+    /// counts. A source that does not (the file) is current for as long as it is connected.
+    heartbeats: AtomicBool,
+    /// `[admin] stale_after` in ms.
+    stale_after: AtomicU64,
     /// Readiness: a first apply succeeded.
     applied_once: AtomicBool,
     /// Why the source is not connected, if it is not.
@@ -72,7 +83,13 @@ impl Default for Metrics {
             applied_revision: Gauge::default(),
             watched_keys: Gauge::default(),
             source_connected: Gauge::default(),
+            source_stale_seconds: Gauge::default(),
             last_apply_timestamp: Gauge::default(),
+            epoch: Instant::now(),
+            last_current: AtomicU64::new(0),
+            heartbeats: AtomicBool::new(false),
+            // The config's default; `run` sets the configured value.
+            stale_after: AtomicU64::new(30_000),
             applied_once: AtomicBool::new(false),
             source_problem: Mutex::new(None),
             held_detail: Mutex::new((Vec::new(), Vec::new())),
@@ -166,6 +183,11 @@ impl Metrics {
             self.source_connected.clone(),
         );
         r.register(
+            "source_stale_seconds",
+            "Seconds since the source last confirmed its state is current (0 while the file source is readable)",
+            self.source_stale_seconds.clone(),
+        );
+        r.register(
             "last_apply_timestamp_seconds",
             "Unix time of the last successful apply",
             self.last_apply_timestamp.clone(),
@@ -175,6 +197,8 @@ impl Metrics {
 
     /// The Prometheus text format.
     pub fn encode(&self) -> String {
+        self.source_stale_seconds
+            .set(self.source_stale_for().as_secs_f64());
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -234,38 +258,111 @@ impl Metrics {
         self.source_ok();
     }
 
-    /// The source is connected (etcd answered).
+    /// The source is connected (etcd answered, the file was read): its state is current now.
     pub fn source_ok(&self) {
+        self.last_current.store(self.millis(), Ordering::Relaxed);
         self.source_connected.set(1);
         if let Ok(mut p) = self.source_problem.lock() {
             *p = None;
         }
     }
 
+    /// The source heard from etcd just now (any watch answer: events or the progress answer it
+    /// asks for every second). Cheap: called for every watch message. A source that calls this
+    /// is expected to go on calling it; from then on its silence counts as staleness.
+    pub fn source_current(&self) {
+        self.last_current.store(self.millis(), Ordering::Relaxed);
+        self.heartbeats.store(true, Ordering::Relaxed);
+    }
+
     /// The source is not connected, and why.
     pub fn source_down(&self, why: &str) {
+        // A source without heartbeats was current until this moment; an etcd watch was last
+        // current at its last answer, which `last_current` already holds.
+        if self.source_connected.get() == 1 && !self.heartbeats.load(Ordering::Relaxed) {
+            self.last_current.store(self.millis(), Ordering::Relaxed);
+        }
         self.source_connected.set(0);
         if let Ok(mut p) = self.source_problem.lock() {
             *p = Some(why.to_owned());
         }
     }
 
+    /// Sets `[admin] stale_after`.
+    pub fn set_stale_after(&self, d: Duration) {
+        self.stale_after.store(
+            d.as_millis().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn stale_after(&self) -> Duration {
+        Duration::from_millis(self.stale_after.load(Ordering::Relaxed))
+    }
+
+    fn millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis().min(u64::MAX as u128) as u64
+    }
+
+    fn connected(&self) -> bool {
+        self.source_connected.get() == 1
+    }
+
+    /// How long the source has not confirmed that its state is current: zero while a source
+    /// without heartbeats is connected; before the source was ever current, since start.
+    pub fn source_stale_for(&self) -> Duration {
+        if self.connected() && !self.heartbeats.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let last = self.last_current.load(Ordering::Relaxed);
+        Duration::from_millis(self.millis().saturating_sub(last))
+    }
+
+    fn source_problem(&self) -> String {
+        self.source_problem
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .unwrap_or_else(|| "source not connected".into())
+    }
+
     /// `Ok` when ready; otherwise a short reason. Ready means: a first apply succeeded and the
-    /// source is connected.
+    /// source confirmed its state within `stale_after`. A disconnection shorter than that
+    /// (an etcd restart, a leader change) leaves a node ready: HAProxy serves the last good
+    /// state, which is almost certainly still right, and a fleet that all turned not ready at
+    /// once during an etcd rolling restart would help no one. [`Metrics::source_detail`] says
+    /// so meanwhile.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.applied_once.load(Ordering::Relaxed) {
             return Err("no successful apply yet".into());
         }
-        if self.source_connected.get() == 0 {
-            let why = self
-                .source_problem
-                .lock()
-                .ok()
-                .and_then(|p| p.clone())
-                .unwrap_or_else(|| "source not connected".into());
-            return Err(format!("source not connected: {why}"));
+        let (age, limit) = (self.source_stale_for(), self.stale_after());
+        if age > limit {
+            let why = if self.connected() {
+                "the source is connected but has confirmed nothing since".to_owned()
+            } else {
+                format!("source not connected: {}", self.source_problem())
+            };
+            return Err(format!(
+                "state stale for {}s, past stale_after {}s ({why})",
+                age.as_secs(),
+                limit.as_secs()
+            ));
         }
         Ok(())
+    }
+
+    /// A line for `/readyz` while the source is not connected but the state is not yet stale.
+    pub fn source_detail(&self) -> Option<String> {
+        let (age, limit) = (self.source_stale_for(), self.stale_after());
+        (!self.connected() && age <= limit).then(|| {
+            format!(
+                "source not connected: {}; state stale for {}s, not ready past {}s",
+                self.source_problem(),
+                age.as_secs(),
+                limit.as_secs()
+            )
+        })
     }
 }
 
@@ -298,7 +395,72 @@ mod tests {
         m.source_down("etcd unreachable");
         assert_eq!(
             m.readiness(),
-            Err("source not connected: etcd unreachable".into())
+            Ok(()),
+            "a fresh disconnection is not staleness"
+        );
+        let detail = m.source_detail().expect("a detail line while disconnected");
+        assert!(
+            detail.starts_with("source not connected: etcd unreachable; state stale for 0s"),
+            "{detail}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disconnection_turns_not_ready_only_past_stale_after() {
+        let m = Metrics::default();
+        m.set_stale_after(Duration::from_secs(30));
+        m.source_update(1);
+        m.applied(ApplyKind::Start, 1);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(m.readiness(), Ok(()), "a connected file source never ages");
+        assert_eq!(m.source_stale_for(), Duration::ZERO);
+
+        m.source_down("registry file unreadable");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(m.readiness(), Ok(()), "30 s down is not past 30 s");
+        assert!(m.source_detail().is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            m.readiness(),
+            Err("state stale for 31s, past stale_after 30s (source not connected: registry file unreadable)".into())
+        );
+        assert_eq!(m.source_detail(), None, "the verdict says it already");
+        assert!(
+            m.encode().contains("haconfd_source_stale_seconds 31.0"),
+            "{}",
+            m.encode()
+        );
+        m.source_ok();
+        assert_eq!(m.readiness(), Ok(()));
+        assert!(m.encode().contains("haconfd_source_stale_seconds 0.0"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeating_source_ages_from_its_last_answer() {
+        let m = Metrics::default();
+        m.set_stale_after(Duration::from_secs(10));
+        m.source_ok();
+        m.applied(ApplyKind::Start, 1);
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            m.source_current();
+        }
+        assert_eq!(m.readiness(), Ok(()));
+        // Connected, yet silent: a hung watch ages too.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let why = m.readiness().expect_err("silent past stale_after");
+        assert!(why.contains("connected but has confirmed nothing"), "{why}");
+        // The watch fails 4 s later (keep-alive): the age still runs from the last answer.
+        m.source_current();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        m.source_down("etcd unreachable");
+        assert_eq!(m.source_stale_for(), Duration::from_secs(4));
+        tokio::time::advance(Duration::from_secs(7)).await;
+        let why = m.readiness().expect_err("stale");
+        assert!(why.starts_with("state stale for 11s"), "{why}");
+        assert!(
+            why.contains("source not connected: etcd unreachable"),
+            "{why}"
         );
     }
 }

@@ -1,5 +1,7 @@
 //! The admin endpoint against a real etcd: `/readyz` moves from not ready to ready after the
-//! first apply and back when etcd goes away; `/metrics` parses as Prometheus text.
+//! first apply, says at once when etcd goes away, and turns not ready once the state is stale
+//! past `[admin] stale_after` (a shorter outage leaves it ready); the file source likewise;
+//! `/metrics` parses as Prometheus text.
 
 mod common;
 
@@ -25,8 +27,16 @@ struct Run {
     _dir: tempfile::TempDir,
 }
 
+/// The `[source]` tables for an etcd endpoint.
+fn etcd_source(endpoint: &str) -> String {
+    format!(
+        "[source]\nkind = \"etcd\"\n[etcd]\nendpoints = [\"{endpoint}\"]\ndial_timeout = \"1s\"\n"
+    )
+}
+
 impl Run {
-    fn start(endpoint: &str) -> Run {
+    /// `source`: the `[source]` table and its `[etcd]` or `[file]`.
+    fn start(source: &str, stale_after: &str) -> Run {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("t.tera");
         std::fs::write(&src, TEMPLATE).expect("template");
@@ -36,11 +46,7 @@ impl Run {
         std::fs::write(
             &config,
             format!(
-                r#"[source]
-kind = "etcd"
-[etcd]
-endpoints = ["{endpoint}"]
-dial_timeout = "1s"
+                r#"{source}
 [[template]]
 name = "servers"
 src = "{}"
@@ -53,6 +59,7 @@ min = "50ms"
 max = "500ms"
 [admin]
 listen = "127.0.0.1:{admin}"
+stale_after = "{stale_after}"
 "#,
                 src.display(),
                 dest.display()
@@ -82,6 +89,21 @@ listen = "127.0.0.1:{admin}"
             .map(|r| (r.status, r.body))
     }
 
+    /// The value of one sample on `/metrics`.
+    fn metric(&self, name: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics")?;
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).ok()?;
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    }
+
     /// Waits until `/readyz` answers with `status` and a body containing `text`.
     fn readyz(&self, status: u16, text: &str) -> String {
         wait_for(SETTLE, &format!("/readyz {status} {text:?}"), || {
@@ -109,7 +131,9 @@ impl Drop for Run {
 #[test]
 fn readiness_follows_the_first_apply_and_the_source_connection() {
     let mut etcd = Etcd::with(EtcdOptions::default());
-    let run = Run::start(&etcd.endpoint());
+    // The same etcd behind two daemons that differ only in stale_after.
+    let run = Run::start(&etcd_source(&etcd.endpoint()), "2s");
+    let patient = Run::start(&etcd_source(&etcd.endpoint()), "10m");
 
     // etcd is not there yet: alive, not ready, nothing written.
     wait_for(SETTLE, "/healthz", || {
@@ -122,6 +146,7 @@ fn readiness_follows_the_first_apply_and_the_source_connection() {
     etcd.launch();
     etcd.put("/services/web/w1", "127.0.0.1:8080");
     run.readyz(200, "ready");
+    patient.readyz(200, "ready");
     wait_for(SETTLE, "the put in dest", || {
         std::fs::read_to_string(&run.dest)
             .ok()
@@ -151,6 +176,11 @@ fn readiness_follows_the_first_apply_and_the_source_connection() {
         value("haconfd_applied_revision").is_some_and(|r| r > 0.0),
         "{text}"
     );
+    // The watch answers every second: the state is never more than about that old.
+    assert!(
+        value("haconfd_source_stale_seconds").is_some_and(|s| s < 2.0),
+        "{text}"
+    );
     assert!(
         scrape.samples.iter().any(|s| s.metric == "haconfd_applies_total"
             && s.labels.get("kind") == Some("written")),
@@ -164,10 +194,57 @@ fn readiness_follows_the_first_apply_and_the_source_connection() {
         "{text}"
     );
 
-    // etcd goes away: not ready, with the reason; back: ready again.
+    // etcd goes away: past stale_after (2 s) not ready, with the reason and the age.
     etcd.stop();
     let body = run.readyz(503, "source not connected");
     assert!(body.contains("etcd"), "{body}");
+    assert!(
+        body.starts_with("not ready: state stale for ") && body.contains("past stale_after 2s"),
+        "{body}"
+    );
+    assert!(
+        run.metric("haconfd_source_stale_seconds")
+            .is_some_and(|s| s > 2.0),
+        "the stale gauge follows /readyz"
+    );
+    // The same outage, shorter than the other daemon's stale_after (10 min): still ready, and
+    // the body says the source is gone and for how long.
+    let body = patient.readyz(200, "source not connected");
+    assert!(body.starts_with("ready\n"), "{body}");
+    assert!(body.contains("not ready past 600s"), "{body}");
+
+    // etcd back: ready again.
     etcd.launch();
     run.readyz(200, "ready");
+    let body = patient.readyz(200, "ready");
+    assert!(!body.contains("not connected"), "{body}");
+}
+
+#[test]
+fn the_file_source_is_current_while_the_file_is_readable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = dir.path().join("registry.yaml");
+    let text = "services:\n  web:\n    w1: \"127.0.0.1:8080\"\n";
+    std::fs::write(&registry, text).expect("registry");
+    let run = Run::start(
+        &format!(
+            "[source]\nkind = \"file\"\n[file]\npath = \"{}\"\n",
+            registry.display()
+        ),
+        "2s",
+    );
+    run.readyz(200, "ready");
+    // No change for longer than stale_after: a readable file does not age.
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = run.get("/readyz").expect("/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert_eq!(run.metric("haconfd_source_stale_seconds"), Some(0.0));
+
+    // Unreadable past stale_after: not ready; readable again with the same data: ready.
+    std::fs::remove_file(&registry).expect("remove registry");
+    let body = run.readyz(503, "registry file unreadable");
+    assert!(body.contains("state stale for"), "{body}");
+    common::write_atomic(&registry, text.as_bytes());
+    run.readyz(200, "ready");
+    assert!(run.dest.exists());
 }

@@ -87,6 +87,7 @@ fn bad_config_exits_64_and_names_the_key() {
         ),
         ("bad duration in [wait]", "", "wait.min"),
         ("bad bind", "", "frontend.bind[0]"),
+        ("stale_after under 2s", "", "admin.stale_after"),
     ] {
         let ws = workspace();
         let mut text = ws.config_text(&Opts {
@@ -101,6 +102,9 @@ fn bad_config_exits_64_and_names_the_key() {
                 &format!("bind = [\"127.0.0.1:{}\"]", ws.bind_port),
                 "bind = [\"localhost:80\"]",
             );
+        }
+        if label == "stale_after under 2s" {
+            text = text.replace("[admin]\n", "[admin]\nstale_after = \"1s\"\n");
         }
         std::fs::write(&ws.config, text).expect("write config");
         for cmd in [&["check"][..], &["render", "--print"], &["run"]] {

@@ -706,6 +706,7 @@ impl Watcher {
                 biased;
                 msg = stream.message() => match msg {
                     Ok(Some(resp)) => {
+                        self.metrics.source_current();
                         if let Some(end) = self.apply(&mut ids, resp) {
                             return end;
                         }

@@ -86,7 +86,10 @@ pub fn spawn_watch(
         let mut last: Option<Arc<Snapshot>> = None;
         loop {
             match read_file(&f, &prefixes, revision + 1) {
-                Ok(update) if last.as_ref().is_some_and(|l| l.kv == update.snapshot.kv) => {}
+                Ok(update) if last.as_ref().is_some_and(|l| l.kv == update.snapshot.kv) => {
+                    // Readable again with the same data: nothing to send, but current.
+                    metrics.source_ok();
+                }
                 Ok(update) => {
                     revision += 1;
                     last = Some(Arc::clone(&update.snapshot));
