@@ -9,13 +9,26 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::model::{Registry, Slot};
+use crate::model::{Registry, Service, Slot};
 
 /// Slot tables per backend, kept across applies.
 #[derive(Debug, Default, Clone)]
 pub struct Slots {
     /// Per backend: slot index → instance id (None: free).
     tables: HashMap<String, Vec<Option<String>>>,
+    /// Per backend, the service last given to `assign`, what it became, and whether that pass
+    /// regrew the table. The same service (the parse cache hands out the same `Arc` for
+    /// unchanged keys) gets the same slotted service back without a look at its slots, so an
+    /// apply touches only the services that changed, and the render's value cache sees the
+    /// same `Arc` for every other one.
+    last: HashMap<String, Memo>,
+}
+
+#[derive(Debug, Clone)]
+struct Memo {
+    input: Arc<Service>,
+    output: Arc<Service>,
+    regrown: bool,
 }
 
 impl Slots {
@@ -32,8 +45,20 @@ impl Slots {
                 .map(|s| s.backend.as_str())
                 .collect();
             self.tables.retain(|b, _| live.contains(b.as_str()));
+            self.last.retain(|b, _| live.contains(b.as_str()));
         }
         for service in &mut registry.services {
+            // A service seen last time comes out as it did then: its table has not moved since
+            // (only this function changes it), unless this pass regrows a table the last one
+            // did not.
+            if let Some(m) = self.last.get(&service.backend)
+                && Arc::ptr_eq(&m.input, service)
+                && (m.regrown || !regrow)
+            {
+                *service = Arc::clone(&m.output);
+                continue;
+            }
+            let input = Arc::clone(service);
             let table = match self.tables.get_mut(&service.backend) {
                 Some(t) => t,
                 None => self.tables.entry(service.backend.clone()).or_default(),
@@ -73,24 +98,29 @@ impl Slots {
                     slot.instance == want
                         && want.is_none_or(|i| service.instances[i].name == slot.name)
                 });
-            if same {
-                continue;
-            }
-            let slots: Vec<Slot> = table
+            if !same {
+                let slots: Vec<Slot> = table
                 .iter()
                 .enumerate()
-                .map(|(n, id)| Slot {
-                    name: format!("srv{}", n + 1),
-                    instance: id.as_deref().and_then(find),
-                })
-                .collect();
-            let service = Arc::make_mut(service);
-            for slot in &slots {
-                if let Some(i) = slot.instance {
-                    service.instances[i].name = slot.name.clone();
+                    .map(|(n, id)| Slot {
+                        name: format!("srv{}", n + 1),
+                        instance: id.as_deref().and_then(find),
+                    })
+                    .collect();
+                let service = Arc::make_mut(service);
+                for slot in &slots {
+                    if let Some(i) = slot.instance {
+                        service.instances[i].name = slot.name.clone();
+                    }
                 }
+                service.slots = slots;
             }
-            service.slots = slots;
+            let memo = Memo {
+                input,
+                output: Arc::clone(service),
+                regrown: regrow,
+            };
+            self.last.insert(service.backend.clone(), memo);
         }
     }
 }
@@ -165,5 +195,36 @@ mod tests {
         let mut r = registry(&["a"]);
         slots.assign(&mut r, 2, true);
         assert_eq!(layout(&r), ["srv1=a", "srv2=-", "srv3=-"]);
+    }
+
+    #[test]
+    fn an_unchanged_service_comes_back_as_the_same_arc() {
+        let mut slots = Slots::default();
+        let mut r = registry(&["a", "b"]);
+        let parsed = Arc::clone(&r.services[0]);
+        slots.assign(&mut r, 2, true);
+        let slotted = Arc::clone(&r.services[0]);
+        assert!(!Arc::ptr_eq(&parsed, &slotted), "slots were added");
+
+        // The parse cache hands out the same parsed service: the same slotted one comes back.
+        let mut again = Registry {
+            services: vec![Arc::clone(&parsed)],
+        };
+        slots.assign(&mut again, 2, false);
+        assert!(Arc::ptr_eq(&again.services[0], &slotted));
+        slots.assign(&mut again, 2, true);
+        assert!(Arc::ptr_eq(&again.services[0], &slotted));
+
+        // A changed service is slotted afresh, keeping the layout.
+        let mut changed = registry(&["a", "b", "c"]);
+        let parsed = Arc::clone(&changed.services[0]);
+        slots.assign(&mut changed, 2, false);
+        assert_eq!(layout(&changed), ["srv1=a", "srv2=b", "srv3=c", "srv4=-"]);
+        // A regrow after a pass without one looks at the table again, for the same service.
+        let mut same = Registry {
+            services: vec![parsed],
+        };
+        slots.assign(&mut same, 2, true);
+        assert_eq!(layout(&same).len(), 5);
     }
 }
