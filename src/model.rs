@@ -7,7 +7,7 @@
 //! host names, ports, weights, states — and rejects, by key, anything that does not parse.
 //! A rejection never carries the value: values may hold secrets or hostile bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -523,7 +523,27 @@ fn parse_route(value: &str) -> Result<Route, String> {
 #[derive(Debug, Default)]
 pub struct ParseCache {
     prev: Option<Arc<Snapshot>>,
-    services: HashMap<String, (Option<Arc<Service>>, Vec<Rejection>)>,
+    /// Per service name: the service as parsed from `prev` (None when none of its keys
+    /// parsed), and its keys that were left out.
+    services: BTreeMap<String, (Option<Arc<Service>>, Vec<Rejection>)>,
+    /// Registry keys of `prev` that belong to no service: the wrong shape.
+    stray: Vec<Rejection>,
+}
+
+impl ParseCache {
+    /// The registry the cache holds, with every key left out.
+    fn registry(&self) -> (Registry, Vec<Rejection>) {
+        let services = self
+            .services
+            .values()
+            .filter_map(|(s, _)| s.clone())
+            .collect();
+        let mut rejected = self.stray.clone();
+        for (_, r) in self.services.values() {
+            rejected.extend(r.iter().cloned());
+        }
+        (Registry { services }, rejected)
+    }
 }
 
 /// A reason for a key whose place in `/services/` is wrong.
@@ -600,7 +620,9 @@ impl Registry {
     /// Parses the registry keys of a snapshot. Other keys are ignored (custom templates may read
     /// them through the raw functions); bad registry keys are returned as rejections.
     pub fn parse(snapshot: &Snapshot) -> (Registry, Vec<Rejection>) {
-        Self::parse_inner(snapshot, None, &mut HashMap::new())
+        let mut cache = ParseCache::default();
+        Self::parse_into(snapshot, None, &mut cache);
+        cache.registry()
     }
 
     /// [`Registry::parse`], reusing the services of the previous call whose keys did not change.
@@ -609,68 +631,51 @@ impl Registry {
         cache: &mut ParseCache,
     ) -> (Registry, Vec<Rejection>) {
         let prev = cache.prev.take();
-        let out = Self::parse_inner(snapshot, prev.as_deref(), &mut cache.services);
+        Self::parse_into(snapshot, prev.as_deref(), cache);
         cache.prev = Some(Arc::clone(snapshot));
-        out
+        cache.registry()
     }
 
-    fn parse_inner(
-        snapshot: &Snapshot,
-        prev: Option<&Snapshot>,
-        cache: &mut HashMap<String, (Option<Arc<Service>>, Vec<Rejection>)>,
-    ) -> (Registry, Vec<Rejection>) {
-        let mut rejected = Vec::new();
-        // Instance pairs grouped by service: keys that share a prefix are contiguous.
-        let mut groups: BTreeMap<&str, Vec<(&String, &String)>> = BTreeMap::new();
-        for (key, value) in snapshot.kv.range::<str, _>(from(SERVICES_PREFIX)) {
-            let Some(rest) = key.strip_prefix(SERVICES_PREFIX) else {
-                break;
-            };
-            if let Some(problem) = shape_problem(rest) {
-                rejected.push(Rejection {
-                    key: display_key(key.as_bytes()),
-                    reason: problem.into(),
-                });
-                continue;
+    /// Brings `cache` from `prev` (what it holds, if anything) to `snapshot`: with `prev`, only
+    /// the services with a differing key are parsed again; one walk over both snapshots' registry
+    /// keys finds them.
+    fn parse_into(snapshot: &Snapshot, prev: Option<&Snapshot>, cache: &mut ParseCache) {
+        let names: BTreeSet<String> = match prev {
+            Some(p) => {
+                let mut names = BTreeSet::new();
+                let mut stray = false;
+                for prefix in [SERVICES_PREFIX, ROUTES_PREFIX] {
+                    differing_keys(&p.kv, &snapshot.kv, prefix, |key| match owner(key) {
+                        Some(name) => {
+                            if !names.contains(name) {
+                                names.insert(name.to_owned());
+                            }
+                        }
+                        None => stray = true,
+                    });
+                }
+                if stray {
+                    cache.stray = scan(snapshot).0;
+                }
+                names
             }
-            let svc = rest.split_once('/').map_or(rest, |(s, _)| s);
-            groups.entry(svc).or_default().push((key, value));
-        }
-        let mut routes: BTreeMap<&str, (&String, &String)> = BTreeMap::new();
-        for (key, value) in snapshot.kv.range::<str, _>(from(ROUTES_PREFIX)) {
-            let Some(svc) = key.strip_prefix(ROUTES_PREFIX) else {
-                break;
-            };
-            if !is_service_name(svc) {
-                rejected.push(Rejection {
-                    key: display_key(key.as_bytes()),
-                    reason: "not of the form /routes/<service>".into(),
-                });
-                continue;
+            None => {
+                let (stray, names) = scan(snapshot);
+                cache.stray = stray;
+                cache.services.clear();
+                names.into_iter().map(str::to_owned).collect()
             }
-            routes.insert(svc, (key, value));
-        }
-        let names: std::collections::BTreeSet<&str> =
-            groups.keys().chain(routes.keys()).copied().collect();
-        let mut next = HashMap::with_capacity(names.len());
-        let mut services = Vec::with_capacity(names.len());
-        let empty = Vec::new();
+        };
         for name in names {
-            let items = groups.get(name).unwrap_or(&empty);
-            let route = routes.get(name).copied();
-            let unchanged = prev.is_some_and(|p| same_group(p, snapshot, name));
-            let entry = match cache.remove(name) {
-                Some(hit) if unchanged => hit,
-                _ => parse_service(name, items, route),
-            };
-            if let Some(s) = &entry.0 {
-                services.push(Arc::clone(s));
+            match parse_named(snapshot, &name) {
+                Some(entry) => {
+                    cache.services.insert(name, entry);
+                }
+                None => {
+                    cache.services.remove(&name);
+                }
             }
-            rejected.extend(entry.1.iter().cloned());
-            next.insert(name.to_owned(), entry);
         }
-        *cache = next;
-        (Registry { services }, rejected)
     }
 
     /// The number of instances across all services.
@@ -684,19 +689,104 @@ fn from(p: &str) -> (std::ops::Bound<&str>, std::ops::Bound<&str>) {
     (std::ops::Bound::Included(p), std::ops::Bound::Unbounded)
 }
 
-/// Whether `prev` and `now` hold exactly the same `/services/<name>/` pairs and route.
-fn same_group(prev: &Snapshot, now: &Snapshot, name: &str) -> bool {
+/// The pairs of `kv` under `prefix`, in key order.
+fn under<'a>(
+    kv: &'a BTreeMap<String, String>,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a String, &'a String)> + 'a {
+    kv.range::<str, _>(from(prefix))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
+
+/// Calls `f` with every key under `prefix` that is in only one of `a` and `b`, or has
+/// different values in them: one merge walk over both.
+fn differing_keys<'a>(
+    a: &'a BTreeMap<String, String>,
+    b: &'a BTreeMap<String, String>,
+    prefix: &'a str,
+    mut f: impl FnMut(&'a str),
+) {
+    use std::cmp::Ordering;
+    let (mut x, mut y) = (under(a, prefix).peekable(), under(b, prefix).peekable());
+    loop {
+        match (x.peek(), y.peek()) {
+            (None, None) => break,
+            (Some((ka, _)), None) => {
+                f(ka);
+                x.next();
+            }
+            (None, Some((kb, _))) => {
+                f(kb);
+                y.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                Ordering::Less => {
+                    f(ka);
+                    x.next();
+                }
+                Ordering::Greater => {
+                    f(kb);
+                    y.next();
+                }
+                Ordering::Equal => {
+                    if va != vb {
+                        f(ka);
+                    }
+                    x.next();
+                    y.next();
+                }
+            },
+        }
+    }
+}
+
+/// The service a registry key belongs to, or None for a key of the wrong shape.
+fn owner(key: &str) -> Option<&str> {
+    if let Some(rest) = key.strip_prefix(SERVICES_PREFIX) {
+        return match shape_problem(rest) {
+            None => rest.split_once('/').map(|(svc, _)| svc),
+            Some(_) => None,
+        };
+    }
+    key.strip_prefix(ROUTES_PREFIX)
+        .filter(|svc| is_service_name(svc))
+}
+
+/// One pass over the registry keys: the keys of the wrong shape, and the names of services.
+fn scan(snapshot: &Snapshot) -> (Vec<Rejection>, BTreeSet<&str>) {
+    let mut stray = Vec::new();
+    let mut names = BTreeSet::new();
+    for (key, _) in under(&snapshot.kv, SERVICES_PREFIX).chain(under(&snapshot.kv, ROUTES_PREFIX))
+    {
+        match owner(key) {
+            Some(name) => {
+                names.insert(name);
+            }
+            None => stray.push(Rejection {
+                key: display_key(key.as_bytes()),
+                reason: match key.strip_prefix(SERVICES_PREFIX) {
+                    Some(rest) => shape_problem(rest).unwrap_or("malformed key"),
+                    None => "not of the form /routes/<service>",
+                }
+                .into(),
+            }),
+        }
+    }
+    (stray, names)
+}
+
+/// Parses the service `name` of `snapshot`, or None when it has no key left.
+fn parse_named(snapshot: &Snapshot, name: &str) -> Option<(Option<Arc<Service>>, Vec<Rejection>)> {
     let prefix = format!("{SERVICES_PREFIX}{name}/");
-    let route = format!("{ROUTES_PREFIX}{name}");
-    prev.kv.get(&route) == now.kv.get(&route)
-        && prev
-            .kv
-            .range::<str, _>(from(&prefix))
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .eq(now
-                .kv
-                .range::<str, _>(from(&prefix))
-                .take_while(|(k, _)| k.starts_with(&prefix)))
+    let items: Vec<(&String, &String)> = under(&snapshot.kv, &prefix)
+        .filter(|(k, _)| owner(k) == Some(name))
+        .collect();
+    let route_key = format!("{ROUTES_PREFIX}{name}");
+    let route = snapshot.kv.get_key_value(&route_key);
+    if items.is_empty() && route.is_none() {
+        return None;
+    }
+    Some(parse_service(name, &items, route))
 }
 
 #[cfg(test)]
@@ -1038,5 +1128,49 @@ mod tests {
             "{}",
             rejected[0]
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// The cached parse of a sequence of snapshots equals a fresh parse of each, whatever
+        /// the changes: instances, routes, keys of the wrong shape, bad values, services that
+        /// come and go.
+        #[test]
+        fn cached_parse_equals_a_fresh_parse(
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0usize..14, 0usize..5), 0..8),
+                1..8,
+            )
+        ) {
+            const KEYS: [&str; 14] = [
+                "/services/a/1", "/services/a/2", "/services/b/1", "/services/b-c/1",
+                "/services/b/x/y", "/services/B/1", "/services/c", "/routes/a", "/routes/b",
+                "/routes/Bad", "/routes/d", "/services/d/1", "/services/a/3", "/services/e/1",
+            ];
+            const VALUES: [Option<&str>; 5] = [
+                None,
+                Some("127.0.0.1:8080"),
+                Some("127.0.0.2:9090"),
+                Some(r#"{"hosts":["a.test"]}"#),
+                Some("not an address"),
+            ];
+            let mut kv: BTreeMap<String, String> = BTreeMap::new();
+            let mut cache = ParseCache::default();
+            for (n, step) in steps.iter().enumerate() {
+                for &(k, v) in step {
+                    match VALUES[v] {
+                        Some(v) => kv.insert(KEYS[k].to_owned(), v.to_owned()),
+                        None => kv.remove(KEYS[k]),
+                    };
+                }
+                let snapshot = Arc::new(Snapshot { revision: n as i64, kv: kv.clone() });
+                let (cached, mut cached_rej) = Registry::parse_cached(&snapshot, &mut cache);
+                let (fresh, mut fresh_rej) = Registry::parse(&snapshot);
+                cached_rej.sort_by(|a, b| a.key.cmp(&b.key));
+                fresh_rej.sort_by(|a, b| a.key.cmp(&b.key));
+                proptest::prop_assert_eq!(cached, fresh);
+                proptest::prop_assert_eq!(cached_rej, fresh_rej);
+            }
+        }
     }
 }
