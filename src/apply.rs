@@ -5,11 +5,9 @@
 //! apply installed is put back, so the set of files on disk stays one consistent generation.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -90,19 +88,17 @@ pub fn render(
     templates.render_all(&update.snapshot, &registry)
 }
 
-/// A short, stable hash of rendered output, for logs and metrics.
+/// A short, stable hash of rendered output, for logs and metrics. It names a generation of
+/// files, it protects nothing: xxh3 reads a megabyte in well under a millisecond, where SHA-256
+/// took two on every apply.
 pub fn hash(rendered: &[Rendered]) -> String {
-    let mut h = Sha256::new();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     for r in rendered {
         h.update(r.template.name.as_bytes());
-        h.update([0]);
+        h.update(&[0]);
         h.update(&r.bytes);
     }
-    let mut out = String::with_capacity(12);
-    for b in &h.finalize()[..6] {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    format!("{:012x}", h.digest() >> 16)
 }
 
 /// Owns the templates and the HAProxy controller across applies.
