@@ -756,8 +756,7 @@ fn owner(key: &str) -> Option<&str> {
 fn scan(snapshot: &Snapshot) -> (Vec<Rejection>, BTreeSet<&str>) {
     let mut stray = Vec::new();
     let mut names = BTreeSet::new();
-    for (key, _) in under(&snapshot.kv, SERVICES_PREFIX).chain(under(&snapshot.kv, ROUTES_PREFIX))
-    {
+    for (key, _) in under(&snapshot.kv, SERVICES_PREFIX).chain(under(&snapshot.kv, ROUTES_PREFIX)) {
         match owner(key) {
             Some(name) => {
                 names.insert(name);
