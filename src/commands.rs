@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -405,6 +406,13 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
         }
     });
 
+    // The applier exists before the signal handler, which may have to force its HAProxy down.
+    let wait = config.wait;
+    let listen = config.admin.listen;
+    metrics.set_stale_after(config.admin.stale_after);
+    let mut applier = Applier::new(config, templates, Arc::clone(&metrics));
+    let forced = Arc::new(AtomicBool::new(false));
+
     // Signals.
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Failure::Runtime(e.into()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Failure::Runtime(e.into()))?;
@@ -412,6 +420,8 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| Failure::Runtime(e.into()))?;
     let etx = tx.clone();
     let signal_notifier = Arc::clone(&notifier);
+    let stopper = applier.controller.stopper();
+    let signal_forced = Arc::clone(&forced);
     tokio::spawn(async move {
         loop {
             let ev = tokio::select! {
@@ -425,8 +435,37 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
                 // Told at once, although the apply in flight and HAProxy's soft stop follow.
                 signal_notifier.stopping();
             }
-            if etx.send(ev).await.is_err() || stop {
+            if etx.send(ev).await.is_err() {
                 return;
+            }
+            if stop {
+                break;
+            }
+        }
+        drop(etx);
+        // Stopping: the apply in flight finishes, then HAProxy drains for up to 35 s. An
+        // operator who sends SIGTERM or SIGINT again wants it over now.
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => { tracing::info!("SIGHUP ignored: stopping"); continue }
+                _ = usr1.recv() => { tracing::info!("SIGUSR1 ignored: stopping"); continue }
+            };
+            if signal_forced.swap(true, Ordering::Relaxed) {
+                tracing::info!("{name}: already stopping at once");
+                continue;
+            }
+            match &stopper {
+                Some(s) => {
+                    tracing::warn!(
+                        "{name} again: forced stop; HAProxy stops at once and its open connections are cut"
+                    );
+                    s.hard();
+                }
+                None => tracing::warn!(
+                    "{name} again: forced stop; HAProxy is not haconfd's to stop, haconfd exits after the apply in flight"
+                ),
             }
         }
     });
@@ -435,20 +474,17 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
 
     // The admin endpoint. A port already taken is reported, not fatal: the load balancer
     // matters more than its metrics.
-    match crate::admin::bind(config.admin.listen).await {
+    match crate::admin::bind(listen).await {
         Ok(listener) => {
-            tracing::info!(listen = %config.admin.listen, "admin endpoint: /metrics /healthz /readyz");
+            tracing::info!(listen = %listen, "admin endpoint: /metrics /healthz /readyz");
             tokio::spawn(crate::admin::serve(listener, Arc::clone(&metrics)));
         }
         Err(e) => {
-            tracing::error!(listen = %config.admin.listen, error = %e, "cannot serve the admin endpoint; running without it")
+            tracing::error!(listen = %listen, error = %e, "cannot serve the admin endpoint; running without it")
         }
     }
 
-    tracing::info!(config = %config.origin, "haconfd running");
-    let wait = config.wait;
-    metrics.set_stale_after(config.admin.stale_after);
-    let mut applier = Applier::new(config, templates, metrics);
+    tracing::info!(config = %applier.config.origin, "haconfd running");
     applier.start_installed().await;
     let daemon = Daemon {
         applier,
@@ -457,7 +493,11 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     };
     reactor::run(daemon, rx, wait).await;
     notifier.stopping();
-    tracing::info!("stopped");
+    if forced.load(Ordering::Relaxed) {
+        tracing::warn!("stopped by force (a second SIGTERM or SIGINT)");
+    } else {
+        tracing::info!("stopped");
+    }
     Ok(())
 }
 

@@ -8,12 +8,17 @@
 //! - server-only changes go through the Runtime API with no reload, and disk and the running
 //!   HAProxy agree server by server;
 //! - a killed master is restarted, and SIGTERM stops HAProxy and leaves no zombie behind;
+//! - a second SIGTERM while HAProxy drains stops it at once;
 //! - exhausting the spare slots falls back to one reload that regrows them.
 
 mod common;
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::haproxy::{
@@ -678,4 +683,136 @@ fn a_restart_while_the_source_is_unreadable_serves_the_installed_config() {
     assert_eq!(lb.proc().map(|p| p.reloads), Some(info.reloads));
     lb.reach("web", "backend-A");
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
+
+/// A backend on 127.0.0.1 that reads requests and never answers them, so that a request through
+/// HAProxy stays in flight. Counts the connections that sent a request; lets go of them on drop.
+struct Stuck {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Stuck {
+    fn start() -> Stuck {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind stuck backend");
+        let port = listener.local_addr().expect("local addr").port();
+        let (requests, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (count, flag) = (Arc::clone(&requests), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                // A health check connects and closes; a request sends bytes.
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 1024];
+                if matches!(conn.read(&mut buf), Ok(n) if n > 0) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    held.push(conn);
+                }
+            }
+        });
+        Stuck {
+            port,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Stuck {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_secs(1),
+        );
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_second_sigterm_during_the_drain_stops_haproxy_at_once() {
+    let stuck = Stuck::start();
+    // HAProxy's own bounds on a drain far beyond haconfd's 35 s: only haconfd ends this one.
+    let template = Workspace::default_template()
+        .replace("hard-stop-after 30s", "hard-stop-after 10m")
+        .replace("timeout client 30s", "timeout client 10m")
+        .replace("timeout server 30s", "timeout server 10m");
+    assert!(template.contains("hard-stop-after 10m") && template.contains("timeout server 10m"));
+    let mut ws = Workspace::new("yaml");
+    ws.set_template(&template);
+    let registry_text = format!("services:\n  web:\n    s1: \"127.0.0.1:{}\"\n", stuck.port);
+    let mut lb = Lb::start(ws, &registry_text, supervise());
+    let master = lb.proc().expect("show proc").master_pid;
+    let workers = lb.workers();
+    assert!(!workers.is_empty());
+
+    // A request in flight: HAProxy waits on the backend, so a soft stop waits on it.
+    let port = lb.port();
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to HAProxy");
+        s.set_read_timeout(Some(SETTLE * 4)).expect("read timeout");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .expect("send request");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer
+    });
+    wait_for(SETTLE, "the request to reach the backend", || {
+        (stuck.requests.load(Ordering::SeqCst) > 0).then_some(())
+    });
+
+    // The first SIGTERM: a soft stop, which drains.
+    signal(lb.daemon.pid(), Signal::SIGTERM);
+    wait_for(SETTLE, "the soft stop in the log", || {
+        lb.log().contains("haproxy soft stop").then_some(())
+    });
+    assert!(
+        matches!(lb.daemon.child.try_wait(), Ok(None)),
+        "haconfd waits for the drain"
+    );
+    assert!(pid_alive(master), "HAProxy drains the request in flight");
+    assert!(!client.is_finished(), "the request in flight is still open");
+
+    // The second: HAProxy stops now, haconfd exits, and says it was forced.
+    signal(lb.daemon.pid(), Signal::SIGTERM);
+    let status = wait_for(SETTLE * 2, "haconfd to exit", || {
+        lb.daemon.child.try_wait().ok().flatten()
+    });
+    let log = lb.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    for line in [
+        "SIGTERM again: forced stop",
+        "forced stop: haproxy hard stop",
+        "haproxy stopped (forced)",
+        "stopped by force",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
+    assert!(
+        !log.contains("did not stop in time"),
+        "the drain ran out instead:\n{log}"
+    );
+    assert!(!pid_alive(master), "master {master} still runs");
+    assert!(!is_zombie(master), "master {master} was not reaped");
+    wait_for(SETTLE, "the workers to exit", || {
+        workers.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    let answer = client.join().expect("client thread");
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "the request in flight was cut, not answered: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
 }

@@ -116,6 +116,7 @@ pub enum Controller {
         spec: supervise::Spec,
         timeout: Duration,
         running: Option<supervise::Supervisor>,
+        stopper: supervise::Stopper,
     },
 }
 
@@ -146,6 +147,7 @@ impl Controller {
                 },
                 timeout: h.reload_timeout,
                 running: None,
+                stopper: supervise::Stopper::default(),
             },
         }
     }
@@ -193,6 +195,7 @@ impl Controller {
                 spec,
                 timeout,
                 running,
+                ..
             } => {
                 if running.is_none() {
                     self.start_installed().await?;
@@ -224,9 +227,10 @@ impl Controller {
             spec,
             timeout,
             running: running @ None,
+            stopper,
         } = self
         {
-            let sup = supervise::Supervisor::start(spec.clone(), *timeout)
+            let sup = supervise::Supervisor::start(spec.clone(), *timeout, stopper.clone())
                 .await
                 .map_err(ReloadError::Supervise)?;
             *running = Some(sup);
@@ -238,6 +242,15 @@ impl Controller {
     /// Whether HAProxy still has to be started (supervise mode, before the first apply).
     pub fn needs_start(&self) -> bool {
         matches!(self, Controller::Supervise { running: None, .. })
+    }
+
+    /// What stops the supervised HAProxy, for whoever must force it (a second SIGTERM); None in
+    /// modes that do not own HAProxy.
+    pub fn stopper(&self) -> Option<supervise::Stopper> {
+        match self {
+            Controller::Supervise { stopper, .. } => Some(stopper.clone()),
+            _ => None,
+        }
     }
 
     /// Stops a supervised HAProxy; other modes leave HAProxy alone.

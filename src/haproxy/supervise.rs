@@ -1,8 +1,10 @@
 //! Owns an `haproxy -W -S <master_socket>,mode,600 -f <cfg>` child: starts it, restarts it with
-//! backoff when it dies, and stops it gracefully (SIGUSR1, soft stop) within a bound.
+//! backoff when it dies, and stops it gracefully (SIGUSR1, soft stop) within a bound, or at once
+//! (SIGTERM, hard stop) when the operator insists: a [`Stopper`] carries the request.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -27,9 +29,59 @@ pub struct Spec {
     pub state_file: Option<PathBuf>,
 }
 
+/// How long a hard-stopped HAProxy gets to exit before its process group is killed.
+const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How the supervised HAProxy is to run. Only ever escalates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    Run,
+    /// SIGUSR1: workers finish their connections, bounded by `Spec::stop_grace`.
+    Soft,
+    /// SIGTERM: workers close their connections now.
+    Hard,
+}
+
+/// The stop request, shared by the controller and whoever else may have to stop HAProxy (the
+/// signal handler: a second SIGTERM while a soft stop drains). Clones share one state.
+#[derive(Debug, Clone)]
+pub struct Stopper(Arc<watch::Sender<Stop>>);
+
+impl Default for Stopper {
+    fn default() -> Self {
+        Stopper(Arc::new(watch::channel(Stop::Run).0))
+    }
+}
+
+impl Stopper {
+    fn escalate(&self, to: Stop) {
+        self.0.send_if_modified(|s| {
+            let raise = *s < to;
+            if raise {
+                *s = to;
+            }
+            raise
+        });
+    }
+
+    /// Asks for a soft stop.
+    pub fn soft(&self) {
+        self.escalate(Stop::Soft);
+    }
+
+    /// Asks for a hard stop, also of a soft stop under way; no HAProxy starts after it.
+    pub fn hard(&self) {
+        self.escalate(Stop::Hard);
+    }
+
+    pub fn state(&self) -> Stop {
+        *self.0.borrow()
+    }
+}
+
 /// A running, supervised HAProxy master.
 pub struct Supervisor {
-    stop: watch::Sender<bool>,
+    stop: Stopper,
     task: JoinHandle<()>,
 }
 
@@ -64,8 +116,18 @@ fn spawn(spec: &Spec) -> std::io::Result<Child> {
 }
 
 impl Supervisor {
-    /// Starts HAProxy and waits until its master answers with a worker.
-    pub async fn start(spec: Spec, ready_timeout: Duration) -> Result<Supervisor, String> {
+    /// Starts HAProxy and waits until its master answers with a worker. `stop` is how it will
+    /// be stopped; once a stop was asked for, nothing starts.
+    pub async fn start(
+        spec: Spec,
+        ready_timeout: Duration,
+        stop: Stopper,
+    ) -> Result<Supervisor, String> {
+        if stop.state() != Stop::Run {
+            return Err("haconfd is stopping: HAProxy is not started".into());
+        }
+        // Subscribed before the start, so that a stop asked for meanwhile is seen.
+        let stop_rx = stop.0.subscribe();
         let mut child = spawn(&spec).map_err(|e| format!("cannot start {}: {e}", spec.binary))?;
         if let Err(e) = master::wait_ready(&spec.master_socket, ready_timeout).await {
             let _ = child.start_kill();
@@ -73,19 +135,31 @@ impl Supervisor {
             return Err(format!("HAProxy did not come up: {e}"));
         }
         tracing::info!(pid = child.id(), config = %spec.config.display(), "haproxy started");
-        let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(watch_child(spec, child, stop_rx));
         Ok(Supervisor { stop, task })
     }
 
-    /// Stops HAProxy gracefully and waits for the supervising task.
+    /// Stops HAProxy gracefully (unless a hard stop was asked for) and waits for the
+    /// supervising task.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.soft();
         let _ = self.task.await;
     }
 }
 
-async fn watch_child(spec: Spec, mut child: Child, mut stop: watch::Receiver<bool>) {
+/// Resolves once any stop is asked for, or when no one can ask any more.
+async fn stopping(stop: &mut watch::Receiver<Stop>) {
+    let _ = stop.wait_for(|s| *s != Stop::Run).await;
+}
+
+/// Resolves once a hard stop is asked for; never when no one can ask any more.
+async fn forced(stop: &mut watch::Receiver<Stop>) {
+    if stop.wait_for(|s| *s == Stop::Hard).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn watch_child(spec: Spec, mut child: Child, mut stop: watch::Receiver<Stop>) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
@@ -98,7 +172,7 @@ async fn watch_child(spec: Spec, mut child: Child, mut stop: watch::Receiver<boo
                 tracing::error!(%status, retry_in = ?backoff, "haproxy exited; restarting it");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
+                    _ = stopping(&mut stop) => return,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 match spawn(&spec) {
@@ -116,24 +190,88 @@ async fn watch_child(spec: Spec, mut child: Child, mut stop: watch::Receiver<boo
                     }
                 }
             }
-            _ = stop.changed() => {
-                stop_child(&mut child, spec.stop_grace).await;
+            _ = stopping(&mut stop) => {
+                stop_child(&mut child, spec.stop_grace, &mut stop).await;
                 return;
             }
         }
     }
 }
 
-async fn stop_child(child: &mut Child, grace: Duration) {
+async fn stop_child(child: &mut Child, grace: Duration, stop: &mut watch::Receiver<Stop>) {
     let Some(pid) = child.id() else { return };
-    // SIGUSR1 asks the master for a soft stop: workers finish their connections, then exit.
-    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGUSR1);
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(_) => tracing::info!(pid, "haproxy stopped"),
+    let hard = *stop.borrow() == Stop::Hard;
+    if !hard {
+        // SIGUSR1 asks the master for a soft stop: workers finish their connections, then exit.
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGUSR1);
+        tracing::info!(
+            pid,
+            ?grace,
+            "haproxy soft stop: connections drain (a second SIGTERM or SIGINT stops it at once)"
+        );
+        tokio::select! {
+            done = tokio::time::timeout(grace, child.wait()) => {
+                match done {
+                    Ok(_) => tracing::info!(pid, "haproxy stopped"),
+                    Err(_) => {
+                        tracing::warn!(pid, ?grace, "haproxy did not stop in time; killing it");
+                        super::kill_group(pid);
+                        let _ = child.wait().await;
+                    }
+                }
+                return;
+            }
+            () = forced(stop) => {}
+        }
+    }
+    // SIGTERM asks the master for a hard stop: it stops every worker, old ones too, at once.
+    tracing::warn!(
+        pid,
+        "forced stop: haproxy hard stop (SIGTERM); open connections are cut"
+    );
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    match tokio::time::timeout(HARD_STOP_GRACE, child.wait()).await {
+        Ok(_) => tracing::info!(pid, "haproxy stopped (forced)"),
         Err(_) => {
-            tracing::warn!(pid, ?grace, "haproxy did not stop in time; killing it");
+            tracing::warn!(pid, grace = ?HARD_STOP_GRACE, "haproxy did not stop after SIGTERM; killing it");
             super::kill_group(pid);
             let _ = child.wait().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_request_only_escalates() {
+        let s = Stopper::default();
+        let other = s.clone();
+        assert_eq!(s.state(), Stop::Run);
+        s.soft();
+        assert_eq!(other.state(), Stop::Soft);
+        other.hard();
+        s.soft();
+        assert_eq!(s.state(), Stop::Hard, "a soft stop never undoes a hard one");
+    }
+
+    #[tokio::test]
+    async fn nothing_starts_once_a_stop_was_asked_for() {
+        let s = Stopper::default();
+        s.hard();
+        let spec = Spec {
+            // Never run: the stop is checked first.
+            binary: "/nonexistent/haproxy".into(),
+            master_socket: "/nonexistent/master.sock".into(),
+            config: "/nonexistent/haproxy.cfg".into(),
+            stop_grace: Duration::from_secs(1),
+            state_file: None,
+        };
+        let e = Supervisor::start(spec, Duration::from_secs(1), s)
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.contains("stopping"), "{e}");
     }
 }
