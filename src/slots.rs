@@ -100,8 +100,8 @@ impl Slots {
                 });
             if !same {
                 let slots: Vec<Slot> = table
-                .iter()
-                .enumerate()
+                    .iter()
+                    .enumerate()
                     .map(|(n, id)| Slot {
                         name: format!("srv{}", n + 1),
                         instance: id.as_deref().and_then(find),

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 use super::{SourceError, Update};
 use crate::config::{Config, EtcdConfig, SourceKind};
 use crate::metrics::Metrics;
+use crate::model::{Kv, Rejection, Screened, Snapshot, screen_pair};
 
 /// HTTP/2 keep-alive: a ping every 2 s, a connection without an answer for 2 s is dead.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
@@ -296,6 +297,48 @@ pub(crate) async fn connect_with(
 /// One key as read: value and the revision that last modified it.
 type RawState = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
+/// The screened view of a [`RawState`], kept in step with it key by key, so that an update
+/// after one event costs one screen and a clone of a persistent map, not a screen of every key.
+#[derive(Default)]
+struct ScreenedState {
+    kv: Kv,
+    /// Pairs the screen left out, by raw key.
+    rejected: BTreeMap<Vec<u8>, Rejection>,
+}
+
+impl ScreenedState {
+    fn build(prefixes: &[String], state: &RawState) -> ScreenedState {
+        let mut s = ScreenedState::default();
+        for (k, (v, _)) in state {
+            s.put(prefixes, k, v);
+        }
+        s
+    }
+
+    fn put(&mut self, prefixes: &[String], k: &[u8], v: &[u8]) {
+        match screen_pair(prefixes, k, v) {
+            Screened::Outside => {}
+            Screened::Pass(key, value) => {
+                self.rejected.remove(k);
+                self.kv.insert(key, value);
+            }
+            Screened::Reject(r) => {
+                self.rejected.insert(k.to_vec(), r);
+                if let Ok(key) = std::str::from_utf8(k) {
+                    self.kv.remove(key);
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, k: &[u8]) {
+        self.rejected.remove(k);
+        if let Ok(key) = std::str::from_utf8(k) {
+            self.kv.remove(key);
+        }
+    }
+}
+
 /// Reads every prefix at one revision: the first get's, then the others `with_revision`.
 async fn read_all(
     client: &Client,
@@ -399,6 +442,7 @@ pub fn spawn_watch(
         resync: config.source.resync.max(MIN_RESYNC),
         tx,
         state: RawState::new(),
+        screened: ScreenedState::default(),
         have_state: false,
         dirty: false,
         revision: 0,
@@ -441,6 +485,8 @@ struct Watcher {
     tx: mpsc::Sender<Update>,
     /// The raw state built by reads and watch events.
     state: RawState,
+    /// `state` screened, in step with it.
+    screened: ScreenedState,
     /// False until the first successful read: nothing is sent before it.
     have_state: bool,
     /// The state changed since the last update was sent.
@@ -614,6 +660,9 @@ impl Watcher {
             );
         }
         let changed = !self.have_state || !same_values(&self.state, &state);
+        if changed {
+            self.screened = ScreenedState::build(&self.prefixes, &state);
+        }
         self.state = state;
         self.have_state = true;
         self.revision = self.revision.max(revision);
@@ -637,17 +686,13 @@ impl Watcher {
     }
 
     fn update(&self) -> Update {
-        let t0 = std::time::Instant::now();
-        let u = Update::screen(
-            self.revision,
-            &self.prefixes,
-            self.state.iter().map(|(k, (v, _))| (k, v)),
-        );
-        tracing::debug!(
-            screen_ms = t0.elapsed().as_secs_f64() * 1e3,
-            "update screened"
-        );
-        u
+        Update {
+            snapshot: Arc::new(Snapshot {
+                revision: self.revision,
+                kv: self.screened.kv.clone(),
+            }),
+            rejected: self.screened.rejected.values().cloned().collect(),
+        }
     }
 
     /// Watches every prefix on one stream until it fails, compaction cancels it, or the resync
@@ -815,9 +860,17 @@ impl Watcher {
                     let old = self
                         .state
                         .insert(kv.key().to_vec(), (kv.value().to_vec(), kv.mod_revision()));
-                    changed |= old.is_none_or(|(v, _)| v != kv.value());
+                    if old.is_none_or(|(v, _)| v != kv.value()) {
+                        self.screened.put(&self.prefixes, kv.key(), kv.value());
+                        changed = true;
+                    }
                 }
-                EventType::Delete => changed |= self.state.remove(kv.key()).is_some(),
+                EventType::Delete => {
+                    if self.state.remove(kv.key()).is_some() {
+                        self.screened.delete(kv.key());
+                        changed = true;
+                    }
+                }
             }
             let next = &mut self.next_revision[index];
             *next = (*next).max(kv.mod_revision() + 1);
@@ -956,5 +1009,44 @@ mod tests {
         let pw = read_password(&config).expect("read").expect("some");
         assert_eq!(pw.0, "s3cret");
         assert_eq!(format!("{pw:?}"), "<redacted>");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// The screened state kept event by event equals a screen of the whole raw state.
+        #[test]
+        fn screened_state_follows_the_raw_state(
+            events in proptest::collection::vec((0usize..6, proptest::option::of(0usize..4)), 0..40)
+        ) {
+            const KEYS: [&[u8]; 6] = [
+                b"/services/a/1", b"/services/a/2", b"/routes/a", b"/other/x",
+                b"/services/a/\xff", b"/services/b 1/x",
+            ];
+            const VALUES: [&[u8]; 4] = [b"127.0.0.1:80", b"bad\nvalue", b"127.0.0.2:81", b""];
+            let prefixes = vec!["/services/".to_owned(), "/routes/".to_owned()];
+            let mut raw = RawState::new();
+            let mut screened = ScreenedState::default();
+            for (k, v) in events {
+                match v {
+                    Some(v) => {
+                        raw.insert(KEYS[k].to_vec(), (VALUES[v].to_vec(), 1));
+                        screened.put(&prefixes, KEYS[k], VALUES[v]);
+                    }
+                    None => {
+                        raw.remove(KEYS[k]);
+                        screened.delete(KEYS[k]);
+                    }
+                }
+            }
+            let (whole, mut rejected) =
+                Snapshot::screen(0, &prefixes, raw.iter().map(|(k, (v, _))| (k, v)));
+            let mut kept: Vec<Rejection> = screened.rejected.values().cloned().collect();
+            rejected.sort_by(|a, b| a.key.cmp(&b.key));
+            kept.sort_by(|a, b| a.key.cmp(&b.key));
+            proptest::prop_assert_eq!(&screened.kv, &whole.kv);
+            proptest::prop_assert_eq!(kept, rejected);
+            let rebuilt = ScreenedState::build(&prefixes, &raw);
+            proptest::prop_assert_eq!(&rebuilt.kv, &whole.kv);
+        }
     }
 }
