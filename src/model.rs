@@ -722,10 +722,7 @@ fn from(p: &str) -> (std::ops::Bound<&str>, std::ops::Bound<&str>) {
 }
 
 /// The pairs of `kv` under `prefix`, in key order.
-fn under<'a>(
-    kv: &'a Kv,
-    prefix: &'a str,
-) -> impl Iterator<Item = (&'a String, &'a String)> + 'a {
+fn under<'a>(kv: &'a Kv, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a String)> + 'a {
     kv.range::<_, str>(from(prefix))
         .take_while(move |(k, _)| k.starts_with(prefix))
 }
