@@ -111,7 +111,8 @@ fn strings(list: &[String]) -> Value {
 }
 
 /// The template value of a service: what `Value::from_serializable` makes of it (a test holds
-/// the two equal), built by hand.
+/// the two equal), built by hand, except `slots`: each is the instance in that slot, or the
+/// server name of a free slot.
 fn service_value(s: &Service) -> Value {
     let route = s.route.as_ref().map(|r| {
         map([
@@ -142,14 +143,14 @@ fn service_value(s: &Service) -> Value {
             ])
         })
         .collect();
+    // A slot is the instance in it (the same value, shared) or, when free, its server name: a
+    // map per slot doubled the memory of the template values.
     let slots: Vec<Value> = s
         .slots
         .iter()
-        .map(|slot| {
-            map([
-                ("name", Value::from(slot.name.as_str())),
-                ("instance", Value::from(slot.instance)),
-            ])
+        .map(|slot| match slot.instance.and_then(|i| instances.get(i)) {
+            Some(i) => i.clone(),
+            None => Value::from(slot.name.as_str()),
         })
         .collect();
     map([
@@ -344,7 +345,24 @@ mod tests {
                     },
                 ],
             };
-            assert_eq!(service_value(&s), Value::from_serializable(&s), "{s:?}");
+            let value = service_value(&s);
+            let mut plain = s.clone();
+            plain.slots.clear();
+            assert_eq!(
+                service_value(&plain),
+                Value::from_serializable(&plain),
+                "{s:?}"
+            );
+            // Slots: the instance itself, or a free slot's name.
+            let mut tera = Tera::new();
+            let t = "{% for x in s.slots %}{% if x is string %}free {{ x }}{% else %}{{ x.name }} {{ x.id }}{% endif %};{% endfor %}";
+            tera.add_raw_template("t", t).expect("parses");
+            let mut ctx = Context::new();
+            ctx.insert_value("s", value);
+            assert_eq!(
+                tera.render("t", &ctx).expect("renders"),
+                "srv-b b;free srv2;"
+            );
         }
     }
 }
