@@ -1,22 +1,36 @@
 #!/usr/bin/env python3
 """Reloads under load, and server-only changes without reloads, against a real HAProxy.
 
-Starts `haconfd run` (supervise mode, file source) in a temp dir, with two local HTTP backends,
-all on 127.0.0.1, then:
+Starts `haconfd run` (supervise mode; file source, or with `--source etcd` a private etcd) in a
+temp dir, with two local HTTP backends, all on 127.0.0.1, then:
 
   (a) runs keep-alive and `Connection: close` clients through HAProxy while triggering
       structural registry changes (a new service each time), each waiting for its reload to be
       confirmed in haconfd's log, and prints failed/total requests per client kind;
   (b) flips one instance's port between the two backends, and prints the number of reloads
       and p50/p99 of change -> served (registry file written -> a request answered by the new
-      backend).
+      backend; with `--source etcd`, the put returned -> a request answered by the new backend).
+
+`--source etcd` starts its own etcd (the Debian `etcd` binary, 3.4) with its data dir under
+/dev/shm and free 127.0.0.1 client and peer ports, writes the registry through etcd's v3 JSON
+gateway (`/v3/kv/put`, `/v3/kv/txn`, `/v3/kv/deleterange`), seeds the `--fill` services in
+transactions of at most 128 puts before haconfd starts, and stops etcd by its PID at the end
+(SIGTERM, then SIGKILL after 10 s).
+
+Limit: HAProxy needs about one file descriptor per server line plus 2 x maxconn, and it cannot
+raise its FD limit past the hard RLIMIT_NOFILE it inherits. On a machine whose hard limit is
+20000 (`ulimit -Hn`), with `spare_slots = 2` (12 server lines per 10-instance service) the
+largest registry HAProxy starts with is about `--fill 1500`; past that HAProxy refuses to start
+(`Cannot raise FD limit` in haconfd's log) and the script says so.
 
 Python 3 standard library only. Every wait is bounded; every process is ended by its PID.
 """
 
 import argparse
+import base64
 import http.client
 import http.server
+import json
 import os
 import re
 import shutil
@@ -27,6 +41,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +95,18 @@ def show_proc(master_sock):
     if master is None:
         return None
     return master + (workers,)
+
+
+class FdLimitError(RuntimeError):
+    """HAProxy refused to start: the registry needs more FDs than the hard limit allows."""
+
+
+def hard_nofile():
+    try:
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    except (ImportError, OSError, ValueError):
+        return "unknown"
 
 
 def wait_until(timeout, what, fn, interval=0.01):
@@ -228,6 +256,110 @@ def percentile(sorted_values, p):
     return sorted_values[k]
 
 
+def b64(text):
+    return base64.b64encode(text.encode()).decode()
+
+
+class Etcd:
+    """A private etcd on 127.0.0.1: data dir under /dev/shm, free client and peer ports, written
+    through the v3 JSON gateway with urllib."""
+
+    START_TIMEOUT = 20.0
+    STOP_TIMEOUT = 10.0
+    MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+
+    def __init__(self, binary="etcd"):
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = tempfile.mkdtemp(prefix="hc-bench-etcd-", dir=base)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.log_path = os.path.join(self.dir, "etcd.log")
+        self.binary = binary
+        self.proc = None
+
+    def start(self):
+        client = self.endpoint
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [self.binary, "--name", "bench", "--data-dir", os.path.join(self.dir, "data"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"bench={peer}", "--initial-cluster-state", "new"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        wait_until(self.START_TIMEOUT, f"etcd on {client} to be healthy", self.healthy, 0.05)
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def healthy(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n"
+                               + self.log_text()[-3000:])
+        try:
+            with urllib.request.urlopen(self.endpoint + "/health", timeout=2) as r:
+                return r.status == 200 and json.loads(r.read()).get("health") == "true"
+        except (OSError, ValueError, http.client.HTTPException):
+            return False
+
+    def call(self, path, body):
+        """POST a JSON body to the v3 gateway; the decoded answer."""
+        req = urllib.request.Request(
+            self.endpoint + path, data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"etcd {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
+
+    def put(self, key, value):
+        self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})
+
+    def delete(self, key):
+        self.call("/v3/kv/deleterange", {"key": b64(key)})
+
+    def put_many(self, pairs):
+        """Puts in transactions of at most MAX_TXN_OPS puts each; returns the number of txns."""
+        n = 0
+        for i in range(0, len(pairs), self.MAX_TXN_OPS):
+            ops = [{"requestPut": {"key": b64(k), "value": b64(v)}}
+                   for k, v in pairs[i:i + self.MAX_TXN_OPS]]
+            r = self.call("/v3/kv/txn", {"success": ops})
+            if not r.get("succeeded"):
+                raise RuntimeError(f"etcd txn not succeeded: {str(r)[:500]}")
+            n += 1
+        return n
+
+    def count(self, prefix):
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        r = self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end),
+                                       "count_only": True})
+        return int(r.get("count", 0))
+
+    def stop(self, keep=False):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"etcd did not stop within {self.STOP_TIMEOUT:.0f}s: SIGKILL",
+                      file=sys.stderr)
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            self.log.close()
+        if keep:
+            print(f"kept {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -244,6 +376,26 @@ class Bench:
         self.daemon = None
         self.masters = set()
         self.route_host = None
+        self.etcd = None
+        # etcd mode: what this script last wrote under /services/web/ and /routes/, so that a
+        # write puts only what changed and deletes what the file mode would leave out.
+        self.etcd_written = {}
+        # --fill: services of --fill-instances instances each, in maintenance (`disabled`, so
+        # HAProxy sends them no health check) on 127.0.0.1 ports nothing listens on: the scale
+        # of the registry without load on the machine.
+        if args.source == "file":
+            self.filler = "".join(
+                "  fill-%05d:\n" % n
+                + "".join("    i%02d: '{\"addr\":\"127.0.0.1:%d\",\"state\":\"maint\"}'\n"
+                          % (k, 20000 + k) for k in range(args.fill_instances))
+                for n in range(args.fill))
+        else:
+            # The same services and values as keys, seeded once before haconfd starts.
+            self.filler = ""
+            self.filler_pairs = [
+                ("/services/fill-%05d/i%02d" % (n, k),
+                 '{"addr":"127.0.0.1:%d","state":"maint"}' % (20000 + k))
+                for n in range(args.fill) for k in range(args.fill_instances)]
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -256,25 +408,66 @@ class Bench:
     def write_registry(self, web_addr, route_host=None):
         """web: one instance `a`; with `route_host`, a route for web on hosts web and that one
         (a changed route is new acl lines: a reload, and no instance ever goes away)."""
+        if self.etcd is not None:
+            return self.write_etcd(web_addr, route_host)
         text = "services:\n  web:\n    a: \"%s\"\n" % web_addr
+        text += self.filler
         if route_host:
             text += "routes:\n  web: '{\"hosts\":[\"web\",\"%s\"]}'\n" % route_host
         self.write_atomic(self.registry, text)
 
+    def write_etcd(self, web_addr, route_host):
+        """The registry of write_registry as etcd keys: puts what changed since the last write,
+        the web instance first, and deletes the route when the file mode would leave it out."""
+        want = {"/services/web/a": web_addr}
+        if route_host:
+            want["/routes/web"] = '{"hosts":["web","%s"]}' % route_host
+        for key, value in want.items():
+            if self.etcd_written.get(key) != value:
+                self.etcd.put(key, value)
+                self.etcd_written[key] = value
+        for key in [k for k in self.etcd_written if k not in want]:
+            self.etcd.delete(key)
+            del self.etcd_written[key]
+
     def start(self):
         self.backends = [Backend("backend-1"), Backend("backend-2")]
         b1 = self.backends[0]
-        self.write_registry(f"127.0.0.1:{b1.port}")
-        template = os.path.join(REPO, "templates", "haproxy.cfg.tera")
-        self.write_atomic(
-            self.config,
-            f"""[source]
+        if self.args.source == "etcd":
+            self.etcd = Etcd(self.args.etcd)
+            t0 = time.monotonic()
+            self.etcd.start()
+            print(f"etcd {self.etcd.endpoint} healthy in {time.monotonic() - t0:.1f}s "
+                  f"(data dir {self.etcd.dir})", flush=True)
+            if self.filler_pairs:
+                t0 = time.monotonic()
+                txns = self.etcd.put_many(self.filler_pairs)
+                n = self.etcd.count("/services/")
+                print(f"seeded {len(self.filler_pairs)} filler keys in {txns} txns in "
+                      f"{time.monotonic() - t0:.1f}s ({n} keys under /services/)", flush=True)
+                if n != len(self.filler_pairs):
+                    raise RuntimeError(f"etcd holds {n} keys under /services/, "
+                                       f"expected {len(self.filler_pairs)}")
+            source = f"""[source]
+kind = "etcd"
+prefixes = ["/services/", "/routes/"]
+
+[etcd]
+endpoints = ["{self.etcd.endpoint}"]
+"""
+        else:
+            source = f"""[source]
 kind = "file"
 prefixes = ["/services/", "/routes/"]
 
 [file]
 path = "{self.registry}"
-
+"""
+        self.write_registry(f"127.0.0.1:{b1.port}")
+        template = os.path.join(REPO, "templates", "haproxy.cfg.tera")
+        self.write_atomic(
+            self.config,
+            f"""{source}
 [[template]]
 name = "haproxy"
 src = "{template}"
@@ -302,7 +495,7 @@ listen = "127.0.0.1:{free_port()}"
         )
         env = dict(os.environ)
         env.pop("HACONFD_CONFIG", None)
-        env["HACONFD_LOG"] = "info"
+        env["HACONFD_LOG"] = self.args.log
         self.log = open(self.log_path, "wb")
         self.daemon = subprocess.Popen(
             [self.args.haconfd, "run", "--config", self.config],
@@ -312,13 +505,28 @@ listen = "127.0.0.1:{free_port()}"
             stdout=subprocess.DEVNULL,
             stderr=self.log,
         )
-        info = wait_until(30, "HAProxy started by haconfd", self.proc_with_worker)
+        t0 = time.monotonic()
+        try:
+            info = wait_until(30, "HAProxy started by haconfd", self.proc_with_worker)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; the end of haconfd's log:\n"
+                               + self.log_text()[-3000:]) from None
+        print(f"HAProxy started after {time.monotonic() - t0:.1f}s", flush=True)
         self.masters.add(info[0])
         wait_until(30, "HAProxy to serve backend-1", lambda: self.served("backend-1"))
 
     def proc_with_worker(self):
         if self.daemon.poll() is not None:
             raise RuntimeError("haconfd exited:\n" + self.log_text()[-3000:])
+        if "Cannot raise FD limit" in self.log_text():
+            lines = self.args.fill * (self.args.fill_instances + 2) + 1 + 2
+            raise FdLimitError(
+                f"HAProxy could not start: `Cannot raise FD limit` in haconfd's log "
+                f"({self.log_path}, kept with --keep). The registry makes about {lines} server "
+                f"lines; HAProxy needs about one file descriptor per server line plus 2 x "
+                f"maxconn, and the hard "
+                f"RLIMIT_NOFILE here is {hard_nofile()}. Lower --fill (about 1500 fits a hard "
+                f"limit of 20000 with spare_slots = 2) or raise the hard limit.")
         p = show_proc(self.master_sock)
         return p if p and p[3] > 0 else None
 
@@ -402,6 +610,7 @@ listen = "127.0.0.1:{free_port()}"
         reloads_logged = self.applied("reload")
         runtime_logged = self.applied("runtime")
         lat = []
+        puts = []
         started = time.monotonic()
         for i in range(a.changes):
             if time.monotonic() - started > a.max_seconds:
@@ -410,6 +619,11 @@ listen = "127.0.0.1:{free_port()}"
             target = self.backends[(i + 1) % 2]
             t0 = time.monotonic()
             self.write_registry(f"127.0.0.1:{target.port}", route)
+            if self.etcd is not None:
+                # The put returned: the change is committed, and the clock starts there.
+                t1 = time.monotonic()
+                puts.append(t1 - t0)
+                t0 = t1
             wait_until(30, f"change #{i + 1} to be served",
                        lambda: self.served(target.name), interval=0)
             lat.append(time.monotonic() - t0)
@@ -426,6 +640,11 @@ listen = "127.0.0.1:{free_port()}"
               f"{runtime} applied through the Runtime API")
         print(f"    change -> served: p50 = {percentile(lat, 50) * 1000:.1f} ms, "
               f"p99 = {percentile(lat, 99) * 1000:.1f} ms, max = {lat[-1] * 1000:.1f} ms")
+        if puts:
+            puts.sort()
+            print(f"    (the etcd put itself, not counted above: p50 = "
+                  f"{percentile(puts, 50) * 1000:.1f} ms, p99 = {percentile(puts, 99) * 1000:.1f} ms, "
+                  f"max = {puts[-1] * 1000:.1f} ms)")
         return reloads, lat
 
     # -- teardown ---------------------------------------------------------------------------
@@ -453,6 +672,8 @@ listen = "127.0.0.1:{free_port()}"
             self.log.close()
         for b in self.backends:
             b.stop()
+        if self.etcd is not None:
+            self.etcd.stop(keep=self.args.keep)
         if self.args.keep:
             print(f"kept {self.dir}")
         else:
@@ -462,6 +683,9 @@ listen = "127.0.0.1:{free_port()}"
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--haconfd", default=os.path.join(REPO, "target", "release", "haconfd"))
+    p.add_argument("--source", choices=("file", "etcd"), default="file",
+                   help="the registry: a file, or a private etcd started by this script")
+    p.add_argument("--etcd", default="etcd", help="the etcd binary (3.4) for --source etcd")
     p.add_argument("--reloads", type=int, default=100)
     p.add_argument("--changes", type=int, default=1000)
     p.add_argument("--keepalive-clients", type=int, default=2)
@@ -470,18 +694,31 @@ def main():
     p.add_argument("--pause", type=float, default=0.001, help="seconds between a client's requests")
     p.add_argument("--max-seconds", type=float, default=300, help="bound of each phase")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (log, config)")
+    p.add_argument("--log", default="info", help="HACONFD_LOG for the daemon (e.g. haconfd=debug)")
+    p.add_argument("--fill", type=int, default=0,
+                   help="extra services, in maintenance (2000 is the 2,000x10 scale; a hard "
+                        "RLIMIT_NOFILE of 20000 lets HAProxy start with about 1500 at most)")
+    p.add_argument("--fill-instances", type=int, default=10, help="instances per extra service")
     args = p.parse_args()
     if not os.access(args.haconfd, os.X_OK):
         sys.exit(f"{args.haconfd}: not found; run `cargo build --release` first")
+    if args.source == "etcd" and shutil.which(args.etcd) is None:
+        sys.exit(f"{args.etcd}: not found; install etcd (Debian: apt-get install etcd-server)")
     bench = Bench(args)
     ok = False
+    fd_limit = None
     try:
         bench.start()
         ka, cl, proc = bench.reloads_under_load()
         reloads, _ = bench.server_only_changes()
         ok = ka.failed == 0 and cl.failed == 0 and proc[2] == 0 and reloads == 0
+    except FdLimitError as e:
+        fd_limit = e
     finally:
         bench.stop()
+    if fd_limit is not None:
+        print(fd_limit, file=sys.stderr)
+        sys.exit(2)
     print("targets met" if ok else "targets NOT met")
     sys.exit(0 if ok else 1)
 
