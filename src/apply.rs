@@ -388,6 +388,7 @@ impl Applier {
             .haproxy_template()
             .ok_or("no haproxy template")?;
         let mut plan = None;
+        let mut maps = Vec::new();
         for r in rendered {
             let installed = install::read_installed(&r.template.dest)
                 .map_err(|e| e.to_string())?
@@ -397,8 +398,16 @@ impl Applier {
                 let new = String::from_utf8_lossy(&r.bytes);
                 plan = Some(runtime::plan(&old, &new).map_err(|e| e.0)?);
             } else if installed != r.bytes {
-                return Err(format!("template {:?} changed too", r.template.name));
+                if !r.template.map {
+                    return Err(format!("template {:?} changed too", r.template.name));
+                }
+                let path = r.template.dest.display().to_string();
+                let new = String::from_utf8_lossy(&r.bytes);
+                maps.push(runtime::plan_map(&path, &new).map_err(|e| e.0)?);
             }
+        }
+        if let Some(cmds) = plan.as_mut() {
+            cmds.extend(maps);
         }
         plan.ok_or_else(|| "the haproxy template was not rendered".into())
     }

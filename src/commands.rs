@@ -118,7 +118,13 @@ pub async fn render(
     if print || diff {
         let rendered = apply::render(&mut templates, &update, &metrics)
             .map_err(|e| Failure::Runtime(e.into()))?;
-        let chosen = select(&rendered, &config, template)?;
+        let mut chosen = select(&rendered, &config, template)?;
+        if print && chosen.len() > 1 && template.is_none() {
+            // Several files (a host map beside haproxy.cfg): print the HAProxy one.
+            if let Some(main) = config.haproxy_template() {
+                chosen.retain(|r| r.template.name == main.name);
+            }
+        }
         if print && chosen.len() > 1 {
             return Err(Failure::Usage(format!(
                 "{} templates are configured: choose one with --template",
@@ -174,12 +180,7 @@ pub async fn render(
 
 /// `check`: render and prove with `haproxy -c`; writes nothing beside a private temp dir.
 pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Failure> {
-    let config = cs.load()?;
-    let mut templates = load_templates(&config)?;
-    let update = read_source(&config).await?;
-    let metrics = Metrics::default();
-    let rendered =
-        apply::render(&mut templates, &update, &metrics).map_err(|e| Failure::Runtime(e.into()))?;
+    let mut config = cs.load()?;
     let dir = tempfile::Builder::new()
         .prefix("haconfd-check-")
         .tempdir()
@@ -189,6 +190,19 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
             .map_err(|e| Failure::Runtime(e.into()))?;
+    }
+    // Maps are rendered into the private dir too, and the HAProxy file loads them from there:
+    // the check proves this render, not whatever map is installed (or not yet).
+    for t in config.templates.iter_mut().filter(|t| t.map) {
+        t.dest = dir.path().join(format!("{}.map", t.name));
+    }
+    let mut templates = load_templates(&config)?;
+    let update = read_source(&config).await?;
+    let metrics = Metrics::default();
+    let rendered =
+        apply::render(&mut templates, &update, &metrics).map_err(|e| Failure::Runtime(e.into()))?;
+    for r in rendered.iter().filter(|r| r.template.map) {
+        std::fs::write(&r.template.dest, &r.bytes).map_err(|e| Failure::Runtime(e.into()))?;
     }
     let mut failed = 0;
     for r in select(&rendered, &config, template)? {

@@ -142,8 +142,10 @@ struct RawTemplate {
     mode: String,
     owner: Option<String>,
     group: Option<String>,
-    #[serde(default = "default_true")]
-    check: bool,
+    /// Default: true, but false for a map.
+    check: Option<bool>,
+    #[serde(default)]
+    map: bool,
 }
 
 fn default_mode() -> String {
@@ -406,6 +408,10 @@ pub struct TemplateConfig {
     pub owner: Option<String>,
     pub group: Option<String>,
     pub check: bool,
+    /// An HAProxy map file that the HAProxy template loads (`map(<dest>)`): when only maps
+    /// and server lines change, the maps are replaced through the Runtime API (`prepare map`,
+    /// `add map`, `commit map`) without a reload.
+    pub map: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -740,6 +746,13 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// A map path that can be written into a Runtime API command as it is.
+pub fn is_map_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
+}
+
 fn validate_templates(raw: Vec<RawTemplate>) -> Result<Vec<TemplateConfig>, ConfigError> {
     if raw.is_empty() {
         return Err(invalid(
@@ -807,6 +820,31 @@ fn validate_templates(raw: Vec<RawTemplate>) -> Result<Vec<TemplateConfig>, Conf
                 ));
             }
         }
+        let check = t.check.unwrap_or(!t.map);
+        if t.map && check {
+            return Err(invalid(
+                key("check"),
+                "true",
+                "a map file is data, not a config `haproxy -c` can read",
+                "set check = false: the HAProxy template's check loads the map",
+            ));
+        }
+        if t.map && !is_map_path(&t.dest.display().to_string()) {
+            return Err(invalid(
+                key("dest"),
+                t.dest.display().to_string(),
+                "names the map on the Runtime API, which takes no spaces or quotes",
+                "use a path of letters, digits, '/', '-', '_' and '.'",
+            ));
+        }
+        if t.map && out.iter().any(|o| o.check) {
+            return Err(invalid(
+                key("map"),
+                "true",
+                "comes after the HAProxy template, whose `haproxy -c` must load the new map",
+                "list map templates before the HAProxy template",
+            ));
+        }
         out.push(TemplateConfig {
             name: t.name,
             src: t.src,
@@ -814,7 +852,8 @@ fn validate_templates(raw: Vec<RawTemplate>) -> Result<Vec<TemplateConfig>, Conf
             mode,
             owner: t.owner,
             group: t.group,
-            check: t.check,
+            check,
+            map: t.map,
         });
     }
     Ok(out)
@@ -1033,6 +1072,30 @@ dest = "/tmp/x.cfg"
         assert!(e.contains("`source.resync`") && e.contains("zero"), "{e}");
         let e = err(&format!("{MINIMAL}\n[guard]\nmax_drop_percent = 150\n"));
         assert!(e.contains("`guard.max_drop_percent`"), "{e}");
+    }
+
+    #[test]
+    fn map_templates_come_first_unchecked_with_a_plain_path() {
+        let map = "[[template]]\nname = \"hosts\"\nsrc = \"m.tera\"\ndest = \"/tmp/hosts.map\"\nmap = true\n";
+        let with_map = MINIMAL.replace("[[template]]", &format!("{map}[[template]]"));
+        let c = Config::parse(&with_map, "test").expect("valid");
+        assert!(
+            c.templates[0].map && !c.templates[0].check,
+            "check defaults to false"
+        );
+        assert_eq!(
+            c.haproxy_template().map(|t| t.name.as_str()),
+            Some("haproxy")
+        );
+        let e = err(&format!("{MINIMAL}{map}"));
+        assert!(
+            e.contains("`template[1].map`") && e.contains("before"),
+            "{e}"
+        );
+        let e = err(&with_map.replace("map = true", "map = true\ncheck = true"));
+        assert!(e.contains("`template[0].check`"), "{e}");
+        let e = err(&with_map.replace("/tmp/hosts.map", "/tmp/my hosts.map"));
+        assert!(e.contains("`template[0].dest`"), "{e}");
     }
 
     #[test]

@@ -382,3 +382,33 @@ keys=api/a1 web/w1 web/w2
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("/app/missing"), "{}", stderr(&out));
 }
+
+/// `check` proves the render with its own map: none is installed yet, and none is written.
+/// `render --print` prints the HAProxy file, which loads the map.
+#[test]
+fn check_and_print_with_a_host_map() {
+    let ws = workspace();
+    ws.write_config(&Opts {
+        hosts_map: true,
+        ..Opts::default()
+    });
+    let map = ws.path("out/hosts.map");
+    let out = ws.haconfd(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("haproxy: valid"), "{}", stderr(&out));
+    assert!(!map.exists() && !ws.dest.exists(), "check wrote a file");
+    let out = ws.haconfd(&["render", "--print"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("map({},_no_route)", map.display())),
+        "{text}"
+    );
+    let out = ws.haconfd(&["render", "--print", "--template", "hosts"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" be_"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -9,7 +9,8 @@
 //!   HAProxy agree server by server;
 //! - a killed master is restarted, and SIGTERM stops HAProxy and leaves no zombie behind;
 //! - a second SIGTERM while HAProxy drains stops it at once;
-//! - exhausting the spare slots falls back to one reload that regrows them.
+//! - exhausting the spare slots falls back to one reload that regrows them;
+//! - with the host map, a new route host is served through `prepare/add/commit map`, no reload.
 
 mod common;
 
@@ -815,4 +816,79 @@ fn a_second_sigterm_during_the_drain_stops_haproxy_at_once() {
         "the request in flight was cut, not answered: {:?}",
         String::from_utf8_lossy(&answer)
     );
+}
+
+#[test]
+fn route_host_changes_go_through_the_host_map_without_a_reload() {
+    let a = Backend::start("backend-A");
+    let b = Backend::start("backend-B");
+    let services =
+        |a: &Backend, b: &Backend| registry(&[("api", &[at("a", a)]), ("web", &[at("b", b)])], "");
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &services(&a, &b),
+        Opts {
+            hosts_map: true,
+            ..supervise()
+        },
+    );
+    let map = lb.ws.path("out/hosts.map");
+    let dest = lb.dest();
+    assert!(
+        dest.contains(&format!("map({},_no_route)", map.display())),
+        "{dest}"
+    );
+    lb.reach("api", "backend-A");
+    lb.reach("web", "backend-B");
+    let before = lb.proc().expect("show proc");
+
+    // A route gives web two hosts of its own; its name no longer routes.
+    let route = "routes:\n  web: '{\"hosts\":[\"www.test\",\"shop.test\"]}'\n";
+    lb.ws.write_registry(format!("{}{route}", services(&a, &b)));
+    lb.wait_applied("runtime", 1);
+    lb.reach("www.test", "backend-B");
+    lb.reach("shop.test", "backend-B");
+    let r = http_get(lb.port(), "web", "/").expect("request");
+    assert_eq!(r.status, 404, "web has a route now: {r:?}");
+    lb.reach("api", "backend-A");
+    let text = std::fs::read_to_string(&map).expect("map installed");
+    assert!(
+        text.contains("\nwww.test be_web\n") && text.contains("\nshop.test be_web\n"),
+        "{text}"
+    );
+    assert!(!text.contains("\nweb be_web"), "{text}");
+    let live = cli_command(&lb.runtime_socket(), &format!("show map {}", map.display()))
+        .expect("show map");
+    for (host, be) in [
+        ("api", "be_api"),
+        ("www.test", "be_web"),
+        ("shop.test", "be_web"),
+    ] {
+        assert!(
+            live.lines().any(|l| l.ends_with(&format!(" {host} {be}"))),
+            "{host} missing from the running map:\n{live}"
+        );
+    }
+    assert!(!live.contains(" web be_web"), "{live}");
+
+    // A server change and a host change in one apply: both without a reload.
+    let route = "routes:\n  web: '{\"hosts\":[\"www.test\"]}'\n";
+    lb.ws.write_registry(format!(
+        "{}{route}",
+        registry(&[("api", &[at("a", &b)]), ("web", &[at("b", &b)])], "")
+    ));
+    lb.wait_applied("runtime", 2);
+    lb.reach("api", "backend-B");
+    wait_for(SETTLE, "shop.test to stop routing", || {
+        http_get(lb.port(), "shop.test", "/")
+            .ok()
+            .filter(|r| r.status == 404)
+    });
+    lb.assert_agree("be_api");
+
+    let after = lb.proc().expect("show proc");
+    assert_eq!(after.reloads, before.reloads, "{}", lb.log());
+    assert_eq!(lb.applied("reload"), 0, "{}", lb.log());
+    assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }

@@ -37,6 +37,7 @@ fn template_config(dest: &Path, mode: u32) -> TemplateConfig {
         owner: None,
         group: None,
         check: true,
+        map: false,
     }
 }
 

@@ -369,6 +369,13 @@ fn node_config_here(ws: &Workspace, etcd: &str) {
         .map(|l| match l.split_once(" = ").map(|(k, _)| k) {
             Some("endpoints") => format!("endpoints = [\"{etcd}\"]"),
             Some("dial_timeout") => "dial_timeout = \"1s\"".into(),
+            Some("src") if l.contains("hosts.map") => format!(
+                "src = \"{}/templates/hosts.map.tera\"",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            Some("dest") if l.contains("hosts.map") => {
+                format!("dest = \"{}\"", ws.path("out/hosts.map").display())
+            }
             Some("src") => format!("src = \"{}\"", ws.template.display()),
             Some("dest") => format!("dest = \"{}\"", ws.dest.display()),
             Some("binary") => "binary = \"haproxy\"".into(),

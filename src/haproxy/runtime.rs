@@ -35,6 +35,12 @@ pub enum Cmd {
         server: String,
         ready: bool,
     },
+    /// Replaces a map's whole content in one step: `prepare map`, `add map @<version>` per
+    /// entry, `commit map`. Until the commit, lookups see the old content.
+    Map {
+        path: String,
+        entries: Vec<(String, String)>,
+    },
 }
 
 impl fmt::Display for Cmd {
@@ -60,6 +66,9 @@ impl fmt::Display for Cmd {
                 "set server {backend}/{server} state {}",
                 if *ready { "ready" } else { "maint" }
             ),
+            Cmd::Map { path, entries } => {
+                write!(f, "replace map {path} ({} entries)", entries.len())
+            }
         }
     }
 }
@@ -118,6 +127,47 @@ fn parse_server(line: &str) -> Option<Server<'_>> {
         weight,
         disabled,
         rest,
+    })
+}
+
+/// A map key or value written into `add map` as it is: no spaces, quotes, `;` or `#`.
+fn is_map_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+}
+
+/// The command that makes the map HAProxy loaded from `path` hold `text`, a map file of
+/// `<key> <value>` lines (blank lines and `#` comments aside). Every token is checked, so
+/// no raw text reaches a command: a line that is anything else needs a reload.
+pub fn plan_map(path: &str, text: &str) -> Result<Cmd, NeedsReload> {
+    if !crate::config::is_map_path(path) {
+        return Err(NeedsReload(format!(
+            "map path {path:?} cannot be named on the socket"
+        )));
+    }
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            [k, v] if is_map_token(k) && is_map_token(v) => {
+                entries.push((k.to_owned(), v.to_owned()));
+            }
+            _ => {
+                return Err(NeedsReload(format!(
+                    "map {path} line {}: not `<key> <value>` of plain tokens",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(Cmd::Map {
+        path: path.to_owned(),
+        entries,
     })
 }
 
@@ -289,6 +339,7 @@ fn accepted(cmd: &Cmd, reply: &str) -> bool {
                 || reply.starts_with("no need to change the addr")
         }
         Cmd::Weight { .. } | Cmd::State { .. } => reply.is_empty(),
+        Cmd::Map { .. } => false,
     }
 }
 
@@ -312,6 +363,10 @@ pub async fn apply(socket: &Path, cmds: &[Cmd], timeout: Duration) -> Result<(),
     write.write_all(b"prompt\n").await.map_err(io)?;
     read_reply(&mut read, "prompt", timeout).await?;
     for cmd in cmds {
+        if let Cmd::Map { path, entries } = cmd {
+            replace_map(&mut read, &mut write, path, entries, timeout).await?;
+            continue;
+        }
         let text = cmd.to_string();
         write
             .write_all(format!("{text}\n").as_bytes())
@@ -326,6 +381,73 @@ pub async fn apply(socket: &Path, cmds: &[Cmd], timeout: Duration) -> Result<(),
         }
     }
     let _ = write.write_all(b"quit\n").await;
+    Ok(())
+}
+
+/// One map replaced in one step. The adds are sent in one write while their (empty) answers
+/// are read: one round trip per entry would cost tens of milliseconds for a few thousand hosts.
+/// An uncommitted version is dropped by HAProxy, so a failure leaves the map as it was.
+async fn replace_map(
+    read: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    path: &str,
+    entries: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    let io = |source| RuntimeError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let prepare = format!("prepare map {path}");
+    write
+        .write_all(format!("{prepare}\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let reply = read_reply(read, &prepare, timeout).await?;
+    let version: u64 = reply
+        .trim()
+        .strip_prefix("New version created: ")
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| RuntimeError::Refused {
+            cmd: prepare.clone(),
+            reply: reply.trim().chars().take(300).collect(),
+        })?;
+    let mut batch = String::with_capacity(entries.len() * 64);
+    for (k, v) in entries {
+        batch.push_str(&format!("add map @{version} {path} {k} {v}\n"));
+    }
+    let send = async {
+        write.write_all(batch.as_bytes()).await.map_err(io)?;
+        Ok::<(), RuntimeError>(())
+    };
+    let check = async {
+        for (k, _) in entries {
+            let cmd = format!("add map @{version} {path} {k}");
+            let reply = read_reply(read, &cmd, timeout).await?;
+            if !reply.trim().is_empty() {
+                return Err(RuntimeError::Refused {
+                    cmd,
+                    reply: reply.trim().chars().take(300).collect(),
+                });
+            }
+        }
+        Ok(())
+    };
+    let (sent, checked) = tokio::join!(send, check);
+    sent?;
+    checked?;
+    let commit = format!("commit map @{version} {path}");
+    write
+        .write_all(format!("{commit}\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let reply = read_reply(read, &commit, timeout).await?;
+    if !reply.trim().is_empty() {
+        return Err(RuntimeError::Refused {
+            cmd: commit,
+            reply: reply.trim().chars().take(300).collect(),
+        });
+    }
     Ok(())
 }
 
@@ -387,6 +509,34 @@ backend be_api
             Ok(c) => c.iter().map(ToString::to_string).collect(),
             Err(e) => panic!("needs reload: {}", e.0),
         }
+    }
+
+    #[test]
+    fn a_map_file_becomes_one_replace_of_checked_tokens() {
+        let text = "# comment\n\napi be_api\n  www.test   be_web  \n";
+        match plan_map("/run/x/hosts.map", text) {
+            Ok(Cmd::Map { path, entries }) => {
+                assert_eq!(path, "/run/x/hosts.map");
+                assert_eq!(
+                    entries,
+                    [
+                        ("api".to_owned(), "be_api".to_owned()),
+                        ("www.test".to_owned(), "be_web".to_owned())
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "api be_api extra\n",
+            "api\n",
+            "a;show be_api\n",
+            "api \"be_api\"\n",
+            "api be#x\n",
+        ] {
+            assert!(plan_map("/run/hosts.map", bad).is_err(), "{bad:?}");
+        }
+        assert!(plan_map("/run/my hosts.map", "a b\n").is_err());
     }
 
     #[test]

@@ -172,6 +172,8 @@ pub struct Templates {
     frontend: FrontendConfig,
     haproxy: HaproxyView,
     env: Arc<BTreeMap<String, String>>,
+    /// `files.<template name>`: where each template is installed (`map(...)` needs it).
+    files: BTreeMap<String, String>,
 }
 
 impl Templates {
@@ -229,6 +231,11 @@ impl Templates {
                 spare_slots: h.spare_slots,
             },
             env: Arc::new(std::env::vars().collect()),
+            files: config
+                .templates
+                .iter()
+                .map(|t| (t.name.clone(), t.dest.display().to_string()))
+                .collect(),
         })
     }
 
@@ -248,6 +255,7 @@ impl Templates {
         ctx.insert_value("services", self.values.services(&registry.services));
         ctx.insert("frontend", &self.frontend);
         ctx.insert("haproxy", &self.haproxy);
+        ctx.insert("files", &self.files);
         ctx.insert("revision", &snapshot.revision);
         let mut out = Vec::with_capacity(self.list.len());
         for (t, allowed) in self.list.iter().zip(&self.allowed) {
@@ -259,13 +267,18 @@ impl Templates {
                     path: t.src.clone(),
                     report: report(&e),
                 })?;
-            structure::check(allowed, &text).map_err(|v| RenderError::Structure {
-                name: t.name.clone(),
-                path: t.src.clone(),
-                directive: v.directive,
-                line: v.line,
-                in_template: v.in_template,
-            })?;
+            // A map file is data HAProxy looks up, never config lines: a host named `user` or
+            // `global` is no directive there.
+            let allowed = if t.map { None } else { Some(allowed) };
+            allowed
+                .map_or(Ok(()), |a| structure::check(a, &text))
+                .map_err(|v| RenderError::Structure {
+                    name: t.name.clone(),
+                    path: t.src.clone(),
+                    directive: v.directive,
+                    line: v.line,
+                    in_template: v.in_template,
+                })?;
             out.push(Rendered {
                 template: t.clone(),
                 bytes: text.into_bytes(),

@@ -30,6 +30,9 @@ pub struct Opts {
     pub prefixes: &'static [&'static str],
     /// More TOML appended at the end (a table of its own).
     pub extra: String,
+    /// Route hosts through the map `out/hosts.map`, rendered by the repository's
+    /// `templates/hosts.map.tera` as the `[[template]]` named "hosts".
+    pub hosts_map: bool,
 }
 
 impl Default for Opts {
@@ -40,6 +43,7 @@ impl Default for Opts {
             file_mode: "0644",
             prefixes: &["/services/", "/routes/"],
             extra: String::new(),
+            hosts_map: false,
         }
     }
 }
@@ -121,7 +125,7 @@ prefixes = [{prefixes}]
 
 [file]
 path = "{registry}"
-
+{hosts}
 [[template]]
 name = "haproxy"
 src = "{template}"
@@ -158,6 +162,15 @@ listen = "127.0.0.1:{admin}"
             port = self.bind_port,
             admin = free_port(),
             extra = opts.extra,
+            hosts = if opts.hosts_map {
+                format!(
+                    "\n[[template]]\nname = \"hosts\"\nsrc = \"{}/templates/hosts.map.tera\"\ndest = \"{}\"\nmap = true\n",
+                    env!("CARGO_MANIFEST_DIR"),
+                    self.path("out/hosts.map").display()
+                )
+            } else {
+                String::new()
+            },
         )
     }
 
