@@ -892,3 +892,43 @@ fn route_host_changes_go_through_the_host_map_without_a_reload() {
     assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }
+
+/// An HAProxy that exits at once (here: its port is taken; in production, an FD limit below its
+/// server count) fails the start with what happened, instead of after the readiness timeout.
+#[test]
+fn an_haproxy_that_exits_at_start_is_reported_as_exited() {
+    use haconfd::haproxy::supervise::{Spec, Stopper, Supervisor};
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n    master-worker\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\nfrontend fe\n    bind 127.0.0.1:{port}\n"
+        ),
+    )
+    .expect("write cfg");
+    let spec = Spec {
+        binary: "haproxy".into(),
+        master_socket: dir.path().join("master.sock"),
+        config: cfg,
+        stop_grace: Duration::from_secs(5),
+        state_file: None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // A long readiness bound: only the exit can end the wait with the right message.
+    let result = rt.block_on(Supervisor::start(
+        spec,
+        Duration::from_secs(120),
+        Stopper::default(),
+    ));
+    match result {
+        Ok(_) => panic!("HAProxy started although its port is taken"),
+        Err(e) => assert!(e.contains("haproxy exited"), "{e}"),
+    }
+    drop(taken);
+}

@@ -129,7 +129,18 @@ impl Supervisor {
         // Subscribed before the start, so that a stop asked for meanwhile is seen.
         let stop_rx = stop.0.subscribe();
         let mut child = spawn(&spec).map_err(|e| format!("cannot start {}: {e}", spec.binary))?;
-        if let Err(e) = master::wait_ready(&spec.master_socket, ready_timeout).await {
+        // An HAProxy that exits at once (an FD limit below its server count, a port in use)
+        // fails the start now, not after `ready_timeout`.
+        let ready = tokio::select! {
+            r = master::wait_ready(&spec.master_socket, ready_timeout) => r.map_err(|e| e.to_string()),
+            status = child.wait() => Err(match status {
+                Ok(s) => format!(
+                    "haproxy exited ({s}) before its master answered; its own messages (ALERT lines) are above in this log"
+                ),
+                Err(e) => format!("cannot wait for haproxy: {e}"),
+            }),
+        };
+        if let Err(e) = ready {
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(format!("HAProxy did not come up: {e}"));
