@@ -101,6 +101,11 @@ pub fn hash(rendered: &[Rendered]) -> String {
     format!("{:012x}", h.digest() >> 16)
 }
 
+/// A rendered or installed file as text, for a Runtime API plan.
+fn as_text<'a>(bytes: &'a [u8], r: &Rendered) -> Result<&'a str, String> {
+    std::str::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", r.template.dest.display()))
+}
+
 /// Owns the templates and the HAProxy controller across applies.
 pub struct Applier {
     pub config: Config,
@@ -393,17 +398,18 @@ impl Applier {
             let installed = install::read_installed(&r.template.dest)
                 .map_err(|e| e.to_string())?
                 .ok_or("nothing installed yet")?;
+            // Strict UTF-8 (a render always is): the lossy conversion walked a megabyte byte by
+            // byte on every apply.
             if r.template.dest == main.dest {
-                let old = String::from_utf8_lossy(&installed);
-                let new = String::from_utf8_lossy(&r.bytes);
-                plan = Some(runtime::plan(&old, &new).map_err(|e| e.0)?);
+                let (old, new) = (as_text(&installed, r)?, as_text(&r.bytes, r)?);
+                plan = Some(runtime::plan(old, new).map_err(|e| e.0)?);
             } else if installed != r.bytes {
                 if !r.template.map {
                     return Err(format!("template {:?} changed too", r.template.name));
                 }
                 let path = r.template.dest.display().to_string();
-                let new = String::from_utf8_lossy(&r.bytes);
-                maps.push(runtime::plan_map(&path, &new).map_err(|e| e.0)?);
+                let new = as_text(&r.bytes, r)?;
+                maps.push(runtime::plan_map(&path, new).map_err(|e| e.0)?);
             }
         }
         if let Some(cmds) = plan.as_mut() {
