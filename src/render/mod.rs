@@ -102,6 +102,9 @@ fn map<const N: usize>(fields: [(&'static str, Value); N]) -> Value {
     Value::from(m)
 }
 
+static EMPTY_MAP: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| Value::from(BTreeMap::<String, Value>::new()));
+
 fn strings(list: &[String]) -> Value {
     Value::from(
         list.iter()
@@ -126,11 +129,18 @@ fn service_value(s: &Service) -> Value {
         .instances
         .iter()
         .map(|i| {
-            let meta: BTreeMap<String, Value> = i
-                .meta
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-                .collect();
+            // Most instances have no meta: they share one empty map instead of an allocation
+            // each (2 MB at 2,000x10).
+            let meta = if i.meta.is_empty() {
+                EMPTY_MAP.clone()
+            } else {
+                Value::from(
+                    i.meta
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                        .collect::<BTreeMap<String, Value>>(),
+                )
+            };
             map([
                 ("id", Value::from(i.id.as_str())),
                 ("name", Value::from(i.name.as_str())),
@@ -139,7 +149,7 @@ fn service_value(s: &Service) -> Value {
                 ("addr", Value::from(i.addr.as_str())),
                 ("weight", Value::from(i.weight)),
                 ("state", Value::from(i.state.as_str())),
-                ("meta", Value::from(meta)),
+                ("meta", meta),
             ])
         })
         .collect();
@@ -346,7 +356,14 @@ mod tests {
                 name: "web".into(),
                 backend: "be_web".into(),
                 route,
-                instances: vec![instance("a", State::Ready), instance("b", State::Maint)],
+                instances: vec![
+                    instance("a", State::Ready),
+                    instance("b", State::Maint),
+                    Instance {
+                        meta: Default::default(),
+                        ..instance("c", State::Drain)
+                    },
+                ],
                 slots: vec![
                     Slot {
                         name: "srv1".into(),
