@@ -311,6 +311,10 @@ impl Applier {
         let spare = self.config.haproxy.spare_slots as usize;
         let runtime = self.config.haproxy.runtime_updates && self.controller.is_running();
         self.slots.assign(registry, spare, !runtime);
+        // The cache keeps the slotted services from now on, and the parsed copies are freed
+        // before the render's values are built.
+        let slots = &self.slots;
+        self.parse_cache.adopt(|s| slots.slotted(s));
         let rendered = self.render_registry(update, registry)?;
         if !runtime {
             return Ok((rendered, None));

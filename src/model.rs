@@ -555,6 +555,20 @@ pub struct ParseCache {
 }
 
 impl ParseCache {
+    /// Replaces each cached service by what `slotted` says it became (the same parse with its
+    /// server slots), so that one copy of each service lives instead of two. Only a service that
+    /// is the cached `Arc` itself is replaced: a service the guard held back is another `Arc`
+    /// and the cache keeps what the keys say.
+    pub fn adopt<'a>(&mut self, slotted: impl Fn(&Arc<Service>) -> Option<&'a Arc<Service>>) {
+        for (service, _) in self.services.values_mut() {
+            if let Some(s) = service.as_mut()
+                && let Some(out) = slotted(s)
+            {
+                *s = Arc::clone(out);
+            }
+        }
+    }
+
     /// The registry the cache holds, with every key left out.
     fn registry(&self) -> (Registry, Vec<Rejection>) {
         let services = self

@@ -51,8 +51,9 @@ impl Slots {
             // A service seen last time comes out as it did then: its table has not moved since
             // (only this function changes it), unless this pass regrows a table the last one
             // did not.
+            // The same goes for what it became: the parse cache adopts slotted services.
             if let Some(m) = self.last.get(&service.backend)
-                && Arc::ptr_eq(&m.input, service)
+                && (Arc::ptr_eq(&m.input, service) || Arc::ptr_eq(&m.output, service))
                 && (m.regrown || !regrow)
             {
                 *service = Arc::clone(&m.output);
@@ -122,6 +123,16 @@ impl Slots {
             };
             self.last.insert(service.backend.clone(), memo);
         }
+    }
+}
+
+impl Slots {
+    /// What `assign` made of `parsed` last time, if `parsed` is what it was given.
+    pub fn slotted(&self, parsed: &Arc<Service>) -> Option<&Arc<Service>> {
+        self.last
+            .get(&parsed.backend)
+            .filter(|m| Arc::ptr_eq(&m.input, parsed))
+            .map(|m| &m.output)
     }
 }
 
@@ -214,6 +225,14 @@ mod tests {
         assert!(Arc::ptr_eq(&again.services[0], &slotted));
         slots.assign(&mut again, 2, true);
         assert!(Arc::ptr_eq(&again.services[0], &slotted));
+
+        // What it became comes back as it is too (the parse cache adopts slotted services).
+        assert!(Arc::ptr_eq(slots.slotted(&parsed).expect("memo"), &slotted));
+        let mut adopted = Registry {
+            services: vec![Arc::clone(&slotted)],
+        };
+        slots.assign(&mut adopted, 2, true);
+        assert!(Arc::ptr_eq(&adopted.services[0], &slotted));
 
         // A changed service is slotted afresh, keeping the layout.
         let mut changed = registry(&["a", "b", "c"]);
