@@ -731,14 +731,7 @@ impl Stuck {
 
 impl Drop for Stuck {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
-            Duration::from_secs(1),
-        );
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        common::stop_accept_loop(&self.stop, self.port, &mut self.thread);
     }
 }
 

@@ -345,110 +345,119 @@ fn accepted(cmd: &Cmd, reply: &str) -> bool {
 
 /// Sends `cmds` over one interactive session on the runtime socket, checking every reply.
 pub async fn apply(socket: &Path, cmds: &[Cmd], timeout: Duration) -> Result<(), RuntimeError> {
-    let path = socket.display().to_string();
-    let io = |source| RuntimeError::Io {
-        path: path.clone(),
-        source,
-    };
-    let stream = tokio::time::timeout(timeout, UnixStream::connect(socket))
-        .await
-        .map_err(|_| RuntimeError::Timeout {
-            cmd: "connect".into(),
-            timeout,
-        })?
-        .map_err(io)?;
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    // Interactive mode: every answer ends with an empty line and the "> " prompt.
-    write.write_all(b"prompt\n").await.map_err(io)?;
-    read_reply(&mut read, "prompt", timeout).await?;
+    let mut session = Session::open(socket, timeout).await?;
     for cmd in cmds {
         if let Cmd::Map { path, entries } = cmd {
-            replace_map(&mut read, &mut write, path, entries, timeout).await?;
+            session.replace_map(path, entries).await?;
             continue;
         }
         let text = cmd.to_string();
-        write
-            .write_all(format!("{text}\n").as_bytes())
-            .await
-            .map_err(io)?;
-        let reply = read_reply(&mut read, &text, timeout).await?;
+        let reply = session.send(&text).await?;
         if !accepted(cmd, reply.trim()) {
-            return Err(RuntimeError::Refused {
-                cmd: text,
-                reply: reply.trim().chars().take(300).collect(),
-            });
+            return Err(refused(text, &reply));
         }
     }
-    let _ = write.write_all(b"quit\n").await;
+    let _ = session.write.write_all(b"quit\n").await;
     Ok(())
 }
 
-/// One map replaced in one step. The adds are sent in one write while their (empty) answers
-/// are read: one round trip per entry would cost tens of milliseconds for a few thousand hosts.
-/// An uncommitted version is dropped by HAProxy, so a failure leaves the map as it was.
-async fn replace_map(
-    read: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    path: &str,
-    entries: &[(String, String)],
-    timeout: Duration,
-) -> Result<(), RuntimeError> {
-    let io = |source| RuntimeError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let prepare = format!("prepare map {path}");
-    write
-        .write_all(format!("{prepare}\n").as_bytes())
-        .await
-        .map_err(io)?;
-    let reply = read_reply(read, &prepare, timeout).await?;
-    let version: u64 = reply
-        .trim()
-        .strip_prefix("New version created: ")
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| RuntimeError::Refused {
-            cmd: prepare.clone(),
-            reply: reply.trim().chars().take(300).collect(),
-        })?;
-    let mut batch = String::with_capacity(entries.len() * 64);
-    for (k, v) in entries {
-        batch.push_str(&format!("add map @{version} {path} {k} {v}\n"));
+fn refused(cmd: String, reply: &str) -> RuntimeError {
+    RuntimeError::Refused {
+        cmd,
+        reply: reply.trim().chars().take(300).collect(),
     }
-    let send = async {
-        write.write_all(batch.as_bytes()).await.map_err(io)?;
-        Ok::<(), RuntimeError>(())
-    };
-    let check = async {
-        for (k, _) in entries {
-            let cmd = format!("add map @{version} {path} {k}");
-            let reply = read_reply(read, &cmd, timeout).await?;
-            if !reply.trim().is_empty() {
-                return Err(RuntimeError::Refused {
-                    cmd,
-                    reply: reply.trim().chars().take(300).collect(),
-                });
+}
+
+/// An interactive session on the runtime socket: every answer ends with the `> ` prompt.
+struct Session {
+    read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    path: String,
+    timeout: Duration,
+}
+
+impl Session {
+    async fn open(socket: &Path, timeout: Duration) -> Result<Session, RuntimeError> {
+        let path = socket.display().to_string();
+        let stream = tokio::time::timeout(timeout, UnixStream::connect(socket))
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                cmd: "connect".into(),
+                timeout,
+            })?
+            .map_err(|source| RuntimeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let (read, write) = stream.into_split();
+        let mut session = Session {
+            read: BufReader::new(read),
+            write,
+            path,
+            timeout,
+        };
+        session.send("prompt").await?;
+        Ok(session)
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> RuntimeError + use<> {
+        let path = self.path.clone();
+        move |source| RuntimeError::Io { path, source }
+    }
+
+    /// Sends one command and reads its answer.
+    async fn send(&mut self, cmd: &str) -> Result<String, RuntimeError> {
+        let io = self.io();
+        self.write
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .map_err(io)?;
+        read_reply(&mut self.read, cmd, self.timeout).await
+    }
+
+    /// One map replaced in one step. The adds go out in one write while their (empty) answers
+    /// are read: one round trip per entry would cost tens of milliseconds for a few thousand
+    /// hosts. An uncommitted version is dropped by HAProxy, so a failure leaves the map as it
+    /// was.
+    async fn replace_map(
+        &mut self,
+        path: &str,
+        entries: &[(String, String)],
+    ) -> Result<(), RuntimeError> {
+        let prepare = format!("prepare map {path}");
+        let reply = self.send(&prepare).await?;
+        let version: u64 = reply
+            .trim()
+            .strip_prefix("New version created: ")
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| refused(prepare.clone(), &reply))?;
+        let mut batch = String::with_capacity(entries.len() * 64);
+        for (k, v) in entries {
+            batch.push_str(&format!("add map @{version} {path} {k} {v}\n"));
+        }
+        let (io, timeout) = (self.io(), self.timeout);
+        let (read, write) = (&mut self.read, &mut self.write);
+        let send = async { write.write_all(batch.as_bytes()).await.map_err(io) };
+        let check = async {
+            for (k, _) in entries {
+                let cmd = format!("add map @{version} {path} {k}");
+                let reply = read_reply(read, &cmd, timeout).await?;
+                if !reply.trim().is_empty() {
+                    return Err(refused(cmd, &reply));
+                }
             }
+            Ok(())
+        };
+        let (sent, checked) = tokio::join!(send, check);
+        sent?;
+        checked?;
+        let commit = format!("commit map @{version} {path}");
+        let reply = self.send(&commit).await?;
+        if !reply.trim().is_empty() {
+            return Err(refused(commit, &reply));
         }
         Ok(())
-    };
-    let (sent, checked) = tokio::join!(send, check);
-    sent?;
-    checked?;
-    let commit = format!("commit map @{version} {path}");
-    write
-        .write_all(format!("{commit}\n").as_bytes())
-        .await
-        .map_err(io)?;
-    let reply = read_reply(read, &commit, timeout).await?;
-    if !reply.trim().is_empty() {
-        return Err(RuntimeError::Refused {
-            cmd: commit,
-            reply: reply.trim().chars().take(300).collect(),
-        });
     }
-    Ok(())
 }
 
 /// Reads one answer: everything up to the prompt `> ` that follows it.

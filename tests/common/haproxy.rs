@@ -430,15 +430,7 @@ fn answer(mut conn: TcpStream, body: &str) {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so that it sees the flag.
-        let _ = TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
-            Duration::from_secs(1),
-        );
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        super::stop_accept_loop(&self.stop, self.port, &mut self.thread);
     }
 }
 

@@ -57,3 +57,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) {
     std::fs::write(&tmp, bytes).expect("write temp");
     std::fs::rename(&tmp, path).expect("rename");
 }
+
+/// Stops a test's accept loop on 127.0.0.1:`port`: raises `stop`, connects once so that the
+/// loop wakes up and sees it, and joins the thread.
+pub fn stop_accept_loop(
+    stop: &std::sync::atomic::AtomicBool,
+    port: u16,
+    thread: &mut Option<std::thread::JoinHandle<()>>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    );
+    if let Some(t) = thread.take() {
+        let _ = t.join();
+    }
+}
