@@ -10,7 +10,8 @@
 //! - a killed master is restarted, and SIGTERM stops HAProxy and leaves no zombie behind;
 //! - a second SIGTERM while HAProxy drains stops it at once;
 //! - exhausting the spare slots falls back to one reload that regrows them;
-//! - with the host map, a new route host is served through `prepare/add/commit map`, no reload.
+//! - with the host map, a new route host is served through `prepare/add/commit map`, no reload;
+//!   a map line the plan cannot vouch for is one reload instead.
 
 mod common;
 
@@ -924,4 +925,37 @@ fn an_haproxy_that_exits_at_start_is_reported_as_exited() {
         Err(e) => assert!(e.contains("haproxy exited"), "{e}"),
     }
     drop(taken);
+}
+
+/// A map line that is not two plain tokens is never written into a command: the change that
+/// brings it is one reload, and HAProxy loads the map from the file.
+#[test]
+fn a_map_line_the_plan_cannot_check_is_a_reload() {
+    let a = Backend::start("backend-A");
+    let b = Backend::start("backend-B");
+    let ws = Workspace::new("yaml");
+    let src = ws.path("odd.map.tera");
+    std::fs::write(
+        &src,
+        "{% for s in services %}{{ s.name }} {{ s.backend }}\n{% if s.instances | length > 1 %}{{ s.name }}@{{ s.instances | length }} {{ s.backend }}\n{% endif %}{% endfor %}",
+    )
+    .expect("write map template");
+    let mut lb = Lb::start(
+        ws,
+        &registry(&[("web", &[at("a", &a)])], ""),
+        Opts {
+            hosts_map: true,
+            hosts_map_src: Some(src),
+            ..supervise()
+        },
+    );
+    lb.reach("web", "backend-A");
+    lb.ws
+        .write_registry(registry(&[("web", &[at("a", &a), at("b", &b)])], ""));
+    lb.wait_applied("reload", 1);
+    lb.reach("web", "backend-B");
+    lb.reach("web@2", "backend-A");
+    assert_eq!(lb.applied("runtime"), 0, "{}", lb.log());
+    assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }

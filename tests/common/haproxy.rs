@@ -33,6 +33,8 @@ pub struct Opts {
     /// Route hosts through the map `out/hosts.map`, rendered by the repository's
     /// `templates/hosts.map.tera` as the `[[template]]` named "hosts".
     pub hosts_map: bool,
+    /// The map's template instead of the repository's.
+    pub hosts_map_src: Option<PathBuf>,
 }
 
 impl Default for Opts {
@@ -44,6 +46,7 @@ impl Default for Opts {
             prefixes: &["/services/", "/routes/"],
             extra: String::new(),
             hosts_map: false,
+            hosts_map_src: None,
         }
     }
 }
@@ -163,9 +166,12 @@ listen = "127.0.0.1:{admin}"
             admin = free_port(),
             extra = opts.extra,
             hosts = if opts.hosts_map {
+                let src = opts.hosts_map_src.clone().unwrap_or_else(|| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("templates/hosts.map.tera")
+                });
                 format!(
-                    "\n[[template]]\nname = \"hosts\"\nsrc = \"{}/templates/hosts.map.tera\"\ndest = \"{}\"\nmap = true\n",
-                    env!("CARGO_MANIFEST_DIR"),
+                    "\n[[template]]\nname = \"hosts\"\nsrc = \"{}\"\ndest = \"{}\"\nmap = true\n",
+                    src.display(),
                     self.path("out/hosts.map").display()
                 )
             } else {
