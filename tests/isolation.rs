@@ -7,21 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::haproxy::{Opts, Workspace, serves};
+use common::haproxy::{META_TEMPLATE as TEMPLATE, Opts, Workspace, serves};
 use common::wait_for;
-
-const TEMPLATE: &str = r#"defaults
-    mode http
-    timeout connect 1s
-    timeout client 1s
-    timeout server 1s
-{% for s in services %}
-backend {{ s.backend }}
-{%- for i in s.instances %}
-    server {{ i.name }} {{ i.addr }}{% if i.meta.opt %} {{ i.meta.opt }}{% endif %}  # {{ i.id }}
-{%- endfor %}
-{% endfor %}
-"#;
 
 fn registry(api_opt: &str, web_port: u16) -> String {
     format!(

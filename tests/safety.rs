@@ -18,7 +18,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::etcd::Etcd;
-use common::haproxy::{Daemon, Opts, Workspace, http_get, instances, serves, signal};
+use common::haproxy::{
+    Daemon, META_TEMPLATE, Opts, Workspace, http_get, instances, serves, signal,
+};
 use common::{free_port, wait_for};
 use nix::sys::signal::Signal;
 
@@ -913,21 +915,6 @@ fn a_held_shrink_applies_by_itself_after_confirm_after() {
 // ---------------------------------------------------------------------------------------------
 // 4. Isolation through etcd
 // ---------------------------------------------------------------------------------------------
-
-/// An instance's `meta.opt` goes on its server line: a meta value HAProxy does not know as a
-/// keyword passes every screen and fails `haproxy -c`.
-const META_TEMPLATE: &str = r#"defaults
-    mode http
-    timeout connect 1s
-    timeout client 1s
-    timeout server 1s
-{% for s in services %}
-backend {{ s.backend }}
-{%- for i in s.instances %}
-    server {{ i.name }} {{ i.addr }}{% if i.meta.opt %} {{ i.meta.opt }}{% endif %}  # {{ i.id }}
-{%- endfor %}
-{% endfor %}
-"#;
 
 fn api_value(opt: &str) -> String {
     format!(r#"{{"addr":"127.0.0.1:9001","meta":{{"opt":"{opt}"}}}}"#)

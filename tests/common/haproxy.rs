@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{free_port, haconfd_bin, repo, write_atomic};
 
@@ -273,16 +273,7 @@ impl Daemon {
     /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_exit(&mut self.child, timeout)
     }
 }
 
@@ -472,3 +463,18 @@ pub fn instances(cfg: &str) -> Vec<(String, String)> {
 pub fn serves(cfg: &str, id: &str, addr: &str) -> bool {
     instances(cfg).iter().any(|(i, a)| i == id && a == addr)
 }
+
+/// A template that puts an instance's `meta.opt` on its server line: a meta value HAProxy does
+/// not know as a keyword passes every screen and fails `haproxy -c` (isolation tests).
+pub const META_TEMPLATE: &str = r#"defaults
+    mode http
+    timeout connect 1s
+    timeout client 1s
+    timeout server 1s
+{% for s in services %}
+backend {{ s.backend }}
+{%- for i in s.instances %}
+    server {{ i.name }} {{ i.addr }}{% if i.meta.opt %} {{ i.meta.opt }}{% endif %}  # {{ i.id }}
+{%- endfor %}
+{% endfor %}
+"#;

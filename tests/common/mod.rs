@@ -74,3 +74,18 @@ pub fn stop_accept_loop(
         let _ = t.join();
     }
 }
+
+/// Waits (bounded) for a child the test started to exit; its exit code, or None when it is
+/// still running at the deadline (or died of a signal).
+pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
