@@ -872,7 +872,7 @@ mod tests {
             "[localhost]:80",
             ":80",      // empty host
             "127.1:80", // short v4, not a name either (numeric last label)
-            "1.2.3.256:80",
+            "127.0.0.256:80",
             "under_score:80",
             "-lead:80",
             "a b:80",
@@ -921,7 +921,7 @@ mod tests {
             "a.-b",
             "a_b",
             "a b",
-            "1.2.3.4",
+            "127.0.0.9",
             "123",
             "a.123",
             label64.as_str(),
