@@ -106,6 +106,28 @@ fn as_text<'a>(bytes: &'a [u8], r: &Rendered) -> Result<&'a str, String> {
     std::str::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", r.template.dest.display()))
 }
 
+/// The installed bytes of each rendered file, in render order (None: nothing installed).
+type Current = Vec<Option<Vec<u8>>>;
+
+/// What `prepare` hands to the install: the render, and for a server-only change the Runtime
+/// API commands and the installed files they were planned against (read once, not again by
+/// the install).
+struct Prepared {
+    rendered: Vec<Rendered>,
+    runtime_cmds: Option<Vec<runtime::Cmd>>,
+    current: Option<Current>,
+}
+
+impl Prepared {
+    fn reload(rendered: Vec<Rendered>) -> Prepared {
+        Prepared {
+            rendered,
+            runtime_cmds: None,
+            current: None,
+        }
+    }
+}
+
 /// Owns the templates and the HAProxy controller across applies.
 pub struct Applier {
     pub config: Config,
@@ -217,7 +239,11 @@ impl Applier {
         let mut isolated: BTreeSet<String> = BTreeSet::new();
         let (rendered, installed, runtime_cmds) = loop {
             let t0 = Instant::now();
-            let (rendered, runtime_cmds) = self.prepare(update, &mut registry)?;
+            let Prepared {
+                rendered,
+                runtime_cmds,
+                current,
+            } = self.prepare(update, &mut registry)?;
             let t_prepare = t0.elapsed();
             let t0 = Instant::now();
             // A server-only change to the file this process proved last needs no second proof:
@@ -227,7 +253,7 @@ impl Applier {
             let proven = runtime_cmds.as_ref().is_some_and(|c| !c.is_empty())
                 && self.proven.is_some()
                 && self.proven == self.haproxy_file_id();
-            let result = self.install_all(&rendered, proven).await;
+            let result = self.install_all(&rendered, proven, current).await;
             tracing::debug!(
                 parse_ms = t_parse.as_secs_f64() * 1e3,
                 prepare_ms = t_prepare.as_secs_f64() * 1e3,
@@ -302,12 +328,13 @@ impl Applier {
 
     /// Assigns slots and renders. With the Runtime API available it first keeps the slot
     /// layout; when the change needs a reload anyway, spare slots are regrown and the render
-    /// repeated. Returns the render and, for a server-only change, the commands.
+    /// repeated. Returns the render and, for a server-only change, the commands and the
+    /// installed files the plan was made against.
     fn prepare(
         &mut self,
         update: &Update,
         registry: &mut Registry,
-    ) -> Result<(Vec<Rendered>, Option<Vec<runtime::Cmd>>), ApplyError> {
+    ) -> Result<Prepared, ApplyError> {
         let spare = self.config.haproxy.spare_slots as usize;
         let runtime = self.config.haproxy.runtime_updates && self.controller.is_running();
         self.slots.assign(registry, spare, !runtime);
@@ -317,30 +344,39 @@ impl Applier {
         self.parse_cache.adopt(|s| slots.slotted(s));
         let rendered = self.render_registry(update, registry)?;
         if !runtime {
-            return Ok((rendered, None));
+            return Ok(Prepared::reload(rendered));
         }
         match self.runtime_plan(&rendered) {
-            Ok(cmds) => Ok((rendered, Some(cmds))),
+            Ok((cmds, current)) => Ok(Prepared {
+                rendered,
+                runtime_cmds: Some(cmds),
+                current: Some(current),
+            }),
             Err(why) => {
                 tracing::debug!(reason = %why, "not a server-only change: reload");
                 self.slots.assign(registry, spare, true);
-                Ok((self.render_registry(update, registry)?, None))
+                Ok(Prepared::reload(self.render_registry(update, registry)?))
             }
         }
     }
 
-    /// Installs every rendered file; on failure puts back the ones already installed.
+    /// Installs every rendered file; on failure puts back the ones already installed. `current`
+    /// holds the installed files when the caller has read them already (the Runtime API plan).
     async fn install_all(
         &mut self,
         rendered: &[Rendered],
         proven: bool,
+        mut current: Option<Current>,
     ) -> Result<Vec<(usize, Option<Vec<u8>>)>, ApplyError> {
         let check = self.check();
         let mut installed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
         for (i, r) in rendered.iter().enumerate() {
             let started = Instant::now();
             let check = (r.template.check && !proven).then_some(&check);
-            let outcome = install::install(&r.template, &r.bytes, check).await;
+            let outcome = match current.as_mut().and_then(|c| c.get_mut(i)) {
+                Some(cur) => install::install_over(&r.template, cur.take(), &r.bytes, check).await,
+                None => install::install(&r.template, &r.bytes, check).await,
+            };
             if r.template.check && !matches!(outcome, Ok(Outcome::Unchanged)) {
                 self.metrics
                     .validate_seconds
@@ -389,15 +425,17 @@ impl Applier {
         result
     }
 
-    /// The Runtime API commands that turn the running config into `rendered`, or why a reload
-    /// is needed. Only the file HAProxy loads may change.
-    fn runtime_plan(&self, rendered: &[Rendered]) -> Result<Vec<runtime::Cmd>, String> {
+    /// The Runtime API commands that turn the running config into `rendered`, with the
+    /// installed files they were planned against, or why a reload is needed. Only the file
+    /// HAProxy loads and map files may change.
+    fn runtime_plan(&self, rendered: &[Rendered]) -> Result<(Vec<runtime::Cmd>, Current), String> {
         let main = self
             .config
             .haproxy_template()
             .ok_or("no haproxy template")?;
         let mut plan = None;
         let mut maps = Vec::new();
+        let mut current = Vec::with_capacity(rendered.len());
         for r in rendered {
             let installed = install::read_installed(&r.template.dest)
                 .map_err(|e| e.to_string())?
@@ -415,11 +453,13 @@ impl Applier {
                 let new = as_text(&r.bytes, r)?;
                 maps.push(runtime::plan_map(&path, new).map_err(|e| e.0)?);
             }
+            current.push(Some(installed));
         }
         if let Some(cmds) = plan.as_mut() {
             cmds.extend(maps);
         }
-        plan.ok_or_else(|| "the haproxy template was not rendered".into())
+        plan.map(|p| (p, current))
+            .ok_or_else(|| "the haproxy template was not rendered".into())
     }
 
     /// In supervise mode, starts HAProxy on the installed file when there is one and it passes

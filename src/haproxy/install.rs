@@ -128,7 +128,16 @@ pub async fn install(
     bytes: &[u8],
     check: Option<&Check>,
 ) -> Result<Outcome, InstallError> {
-    let current = read_installed(&t.dest)?;
+    install_over(t, read_installed(&t.dest)?, bytes, check).await
+}
+
+/// [`install`] over `current`, the installed file as the caller has just read it.
+pub async fn install_over(
+    t: &TemplateConfig,
+    current: Option<Vec<u8>>,
+    bytes: &[u8],
+    check: Option<&Check>,
+) -> Result<Outcome, InstallError> {
     if current.as_deref() == Some(bytes) {
         // Same bytes, but the config may have asked for another mode or owner since.
         set_owner(&t.dest, t)?;
