@@ -227,10 +227,14 @@ impl Guard {
             .retain(|name, _| last_by_name.contains_key(name.as_str()));
         for (name, old) in &last_by_name {
             let now_applied = old.instances.len();
-            let base = self
-                .baselines
-                .entry(name.to_string())
-                .or_insert((now_applied, now));
+            // No new key (and no allocation) for a service that has a baseline: this runs for
+            // every service at every apply.
+            if !self.baselines.contains_key(*name) {
+                self.baselines.insert(name.to_string(), (now_applied, now));
+            }
+            let Some(base) = self.baselines.get_mut(*name) else {
+                continue;
+            };
             if now_applied >= base.0 || now.duration_since(base.1) >= confirm_after {
                 *base = (now_applied, now);
             }
@@ -270,30 +274,33 @@ impl Guard {
         }
         self.holds = holds;
 
-        // Render the wanted registry with held services replaced by their applied state.
-        let mut services: BTreeMap<String, Arc<Service>> = wanted
-            .services
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
+        // Render the wanted registry with held services replaced by their applied state. The
+        // services are sorted by name already; a held service that is gone altogether comes
+        // back in its place.
+        let mut services = wanted.services;
+        if !services.is_sorted_by(|a, b| a.name <= b.name) {
+            services.sort_by(|a, b| a.name.cmp(&b.name));
+        }
         for name in self.holds.keys() {
-            if let Some(old) = last_by_name.get(name.as_str()) {
-                let kept = services
-                    .entry(name.clone())
-                    .or_insert_with(|| Arc::clone(old));
-                if !Arc::ptr_eq(kept, old) {
-                    let kept = Arc::make_mut(kept);
-                    kept.instances = old.instances.clone();
-                    kept.slots = old.slots.clone();
+            let Some(old) = last_by_name.get(name.as_str()) else {
+                continue;
+            };
+            match services.binary_search_by(|s| s.name.as_str().cmp(name)) {
+                Ok(i) => {
+                    let kept = &mut services[i];
+                    if !Arc::ptr_eq(kept, old) {
+                        let kept = Arc::make_mut(kept);
+                        kept.instances = old.instances.clone();
+                        kept.slots = old.slots.clone();
+                    }
                 }
+                Err(i) => services.insert(i, Arc::clone(old)),
             }
         }
         let held: Vec<Hold> = self.holds.values().cloned().collect();
         let release_at = held.iter().map(|h| h.since + confirm_after).min();
         Decision {
-            registry: Registry {
-                services: services.into_values().collect(),
-            },
+            registry: Registry { services },
             held,
             hold_all: false,
             release_at,
