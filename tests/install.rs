@@ -28,6 +28,17 @@ fn stamp(p: &Path) -> (u64, i64, i64, i64, i64) {
     )
 }
 
+/// `haconfd render` (one shot) in `ws`, which must succeed.
+fn render_ok(ws: &Workspace) {
+    let out = ws.haconfd(&["render"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn template_config(dest: &Path, mode: u32) -> TemplateConfig {
     TemplateConfig {
         name: "haproxy".into(),
@@ -100,13 +111,7 @@ fn failed_check_in_a_one_shot_render_leaves_dest_alone() {
     let mut ws = Workspace::new("yaml");
     ws.write_registry(REGISTRY_V1);
     ws.write_config(&Opts::default());
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     let good = std::fs::read(&ws.dest).expect("installed");
     let before = stamp(&ws.dest);
 
@@ -135,22 +140,10 @@ fn an_unchanged_render_writes_nothing() {
     let ws = Workspace::new("yaml");
     ws.write_registry(REGISTRY_V1);
     ws.write_config(&Opts::default());
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     let first = stamp(&ws.dest);
     let bytes = std::fs::read(&ws.dest).expect("dest");
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     assert_eq!(
         stamp(&ws.dest),
         first,
@@ -201,13 +194,7 @@ fn the_configured_mode_is_applied() {
             ..Opts::default()
         };
         ws.write_config(&opts);
-        let out = ws.haconfd(&["render"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        render_ok(&ws);
         let perm = std::fs::metadata(&ws.dest)
             .expect("stat")
             .permissions()
@@ -216,13 +203,7 @@ fn the_configured_mode_is_applied() {
         assert_eq!(perm, want, "mode {mode}");
         // A later change keeps the mode.
         ws.write_registry(REGISTRY_V2);
-        let out = ws.haconfd(&["render"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        render_ok(&ws);
         let perm = std::fs::metadata(&ws.dest)
             .expect("stat")
             .permissions()
@@ -237,24 +218,12 @@ fn prev_holds_the_previous_file_after_a_change() {
     let ws = Workspace::new("yaml");
     ws.write_registry(REGISTRY_V1);
     ws.write_config(&Opts::default());
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     let v1 = std::fs::read_to_string(&ws.dest).expect("v1");
     assert!(serves(&v1, "w1", "127.0.0.1:8080"), "{v1}");
 
     ws.write_registry(REGISTRY_V2);
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     let v2 = std::fs::read_to_string(&ws.dest).expect("v2");
     assert!(serves(&v2, "w1", "127.0.0.1:8081"), "{v2}");
     let prev = install::prev_path(&ws.dest);
@@ -297,25 +266,13 @@ fn a_new_mode_is_applied_to_unchanged_bytes() {
         file_mode: "0644",
         ..Opts::default()
     });
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     let ino = stamp(&ws.dest).0;
     ws.write_config(&Opts {
         file_mode: "0640",
         ..Opts::default()
     });
-    let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    render_ok(&ws);
     let perm = std::fs::metadata(&ws.dest)
         .expect("stat")
         .permissions()
