@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::haproxy::{Backend, Opts, PidGuard, Workspace, http_get, master_pid, pid_alive};
+use common::haproxy::{Backend, Opts, PidGuard, Workspace, http_get, master_pid};
 use common::{free_port, haconfd_bin, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -929,13 +929,5 @@ fn haproxy_routes_to_an_announced_server_until_it_stops() {
         Some("other")
     );
 
-    assert_eq!(
-        daemon.terminate(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        daemon.log_text()
-    );
-    wait_for(SETTLE, "the HAProxy master to exit", || {
-        (!pid_alive(master)).then_some(())
-    });
+    daemon.stop_with_master(master);
 }

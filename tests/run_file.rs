@@ -176,15 +176,7 @@ fn supervised_haproxy_serves_the_registry_and_stops_with_haconfd() {
     });
     assert_eq!(after, master);
 
-    assert_eq!(
-        daemon.terminate(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        daemon.log_text()
-    );
-    wait_for(SETTLE, "the HAProxy master to exit", || {
-        (!pid_alive(master)).then_some(())
-    });
+    daemon.stop_with_master(master);
     assert!(http_get(port, "web", "/").is_err(), "HAProxy still listens");
 }
 

@@ -270,6 +270,22 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// Stops the daemon (SIGTERM, exit 0 within 60 s) and waits for the HAProxy master it
+    /// supervised to be gone.
+    pub fn stop_with_master(&mut self, master: u32) {
+        assert_eq!(
+            self.terminate(Duration::from_secs(60)),
+            Some(0),
+            "{}",
+            self.log_text()
+        );
+        super::wait_for(
+            Duration::from_secs(30),
+            "the HAProxy master to exit",
+            || (!pid_alive(master)).then_some(()),
+        );
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
