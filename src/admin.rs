@@ -77,6 +77,10 @@ pub fn route(method: &str, path: &str, metrics: &Metrics) -> (&'static str, &'st
                 .collect();
             match metrics.readiness() {
                 Ok(()) => ("200 OK", TEXT, format!("ready\n{detail}")),
+                // A stopping node says so first: its operator knows why, a probe needs no more.
+                Err(why) if metrics.stopping() => {
+                    ("503 Service Unavailable", TEXT, format!("{why}\n{detail}"))
+                }
                 Err(why) => (
                     "503 Service Unavailable",
                     TEXT,
@@ -130,6 +134,10 @@ mod tests {
             body.starts_with("not ready: state stale for 0s, past stale_after 0s (source not connected: etcd unreachable)\n"),
             "{body}"
         );
+        m.set_stopping();
+        let (status, _, body) = route("GET", "/readyz", &m);
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(body.starts_with("stopping (lame duck"), "{body}");
         assert!(route("GET", "/metrics", &m).2.ends_with("# EOF\n"));
         assert_eq!(route("POST", "/metrics", &m).0, "405 Method Not Allowed");
         assert_eq!(route("GET", "/nope", &m).0, "404 Not Found");

@@ -101,6 +101,11 @@ pub struct AnnounceArgs {
     /// etcd endpoint(s), overriding the config's [etcd] endpoints.
     #[arg(long = "etcd", value_name = "URL")]
     pub etcd: Vec<String>,
+    /// On SIGTERM / SIGINT: remove the key first, then keep running this long before exiting
+    /// 0, so that every node takes the instance out while it still serves. Stop the service
+    /// after announce has exited. A second signal ends the wait.
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    pub drain: String,
     /// Time between two health checks (with --check).
     #[arg(long, default_value = "2s")]
     pub check_interval: String,

@@ -3,15 +3,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::apply::{self, Applier};
-use crate::config::{self, Config, ConfigError, SourceKind};
-use crate::haproxy::{Controller, install, validate};
+use crate::config::{self, Config, ConfigError, HaproxyMode, SourceKind};
+use crate::haproxy::{ApplyKind, Controller, install, runtime, supervise, validate};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::reactor::{self, Apply, Event, Work};
@@ -322,6 +323,8 @@ struct Daemon {
     applier: Applier,
     config_path: Option<PathBuf>,
     notifier: Arc<Notifier>,
+    /// `[frontend] lame_duck` in ms (0: none), shared with the signal task; SIGHUP updates it.
+    lame_duck_wait: Arc<AtomicU64>,
 }
 
 impl Apply for Daemon {
@@ -331,6 +334,8 @@ impl Apply for Daemon {
             self.applier
                 .metrics
                 .set_stale_after(self.applier.config.admin.stale_after);
+            self.lame_duck_wait
+                .store(lame_duck_millis(&self.applier.config), Ordering::Relaxed);
         }
         if work.confirm {
             self.applier.confirm();
@@ -363,6 +368,17 @@ impl Apply for Daemon {
                 if self.applier.metrics.readiness().is_ok() {
                     self.notifier
                         .ready(&format!("applied revision {}", r.revision));
+                }
+                // A reload during the lame duck starts a worker whose switch may be on again:
+                // the health check must go on failing until HAProxy stops.
+                if self.applier.metrics.stopping()
+                    && matches!(r.kind, ApplyKind::Reload | ApplyKind::Start)
+                    && self.lame_duck_wait.load(Ordering::Relaxed) > 0
+                {
+                    let socket = &self.applier.config.haproxy.runtime_socket;
+                    if let Err(e) = runtime::lame_duck(socket, LAME_DUCK_SWITCH_TIMEOUT).await {
+                        tracing::warn!(error = %e, "cannot keep the lame duck on in the reloaded HAProxy");
+                    }
                 }
             }
             Err(e) => {
@@ -424,65 +440,24 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let wait = config.wait;
     let listen = config.admin.listen;
     metrics.set_stale_after(config.admin.stale_after);
+    let lame_duck_wait = Arc::new(AtomicU64::new(lame_duck_millis(&config)));
     let mut applier = Applier::new(config, templates, Arc::clone(&metrics));
     let forced = Arc::new(AtomicBool::new(false));
 
     // Signals.
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| Failure::Runtime(e.into()))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Failure::Runtime(e.into()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Failure::Runtime(e.into()))?;
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| Failure::Runtime(e.into()))?;
-    let etx = tx.clone();
-    let signal_notifier = Arc::clone(&notifier);
-    let stopper = applier.controller.stopper();
-    let signal_forced = Arc::clone(&forced);
-    tokio::spawn(async move {
-        loop {
-            let ev = tokio::select! {
-                _ = hup.recv() => { tracing::info!("SIGHUP: reloading config and templates"); Event::Reconfigure }
-                _ = usr1.recv() => { tracing::info!("SIGUSR1: confirming what the guard holds"); Event::Confirm }
-                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Event::Shutdown }
-                _ = int.recv() => { tracing::info!("SIGINT: stopping"); Event::Shutdown }
-            };
-            let stop = matches!(ev, Event::Shutdown);
-            if stop {
-                // Told at once, although the apply in flight and HAProxy's soft stop follow.
-                signal_notifier.stopping();
-            }
-            if etx.send(ev).await.is_err() {
-                return;
-            }
-            if stop {
-                break;
-            }
-        }
-        drop(etx);
-        // Stopping: the apply in flight finishes, then HAProxy drains for up to 35 s. An
-        // operator who sends SIGTERM or SIGINT again wants it over now.
-        loop {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-                _ = hup.recv() => { tracing::info!("SIGHUP ignored: stopping"); continue }
-                _ = usr1.recv() => { tracing::info!("SIGUSR1 ignored: stopping"); continue }
-            };
-            if signal_forced.swap(true, Ordering::Relaxed) {
-                tracing::info!("{name}: already stopping at once");
-                continue;
-            }
-            match &stopper {
-                Some(s) => {
-                    tracing::warn!(
-                        "{name} again: forced stop; HAProxy stops at once and its open connections are cut"
-                    );
-                    s.hard();
-                }
-                None => tracing::warn!(
-                    "{name} again: forced stop; HAProxy is not haconfd's to stop, haconfd exits after the apply in flight"
-                ),
-            }
-        }
-    });
+    let signals = Signals::install().map_err(|e| Failure::Runtime(e.into()))?;
+    let lame_duck = LameDuck {
+        socket: applier.config.haproxy.runtime_socket.clone(),
+        wait: Arc::clone(&lame_duck_wait),
+        metrics: Arc::clone(&metrics),
+    };
+    tokio::spawn(signals.handle(
+        tx.clone(),
+        Arc::clone(&notifier),
+        applier.controller.stopper(),
+        lame_duck,
+        Arc::clone(&forced),
+    ));
     spawn_watchdog(&notifier, &tx);
     drop(tx);
 
@@ -504,6 +479,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
         applier,
         config_path: cs.path().map(Path::to_path_buf),
         notifier: Arc::clone(&notifier),
+        lame_duck_wait,
     };
     reactor::run(daemon, rx, wait).await;
     notifier.stopping();
@@ -536,4 +512,154 @@ fn spawn_watchdog(notifier: &Arc<Notifier>, tx: &mpsc::Sender<Event>) {
             }
         }
     });
+}
+
+/// How long the runtime socket may take to turn the lame duck on.
+const LAME_DUCK_SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `[frontend] lame_duck` in ms where it applies: only a supervised HAProxy stops with haconfd.
+fn lame_duck_millis(config: &Config) -> u64 {
+    match config.haproxy.mode {
+        HaproxyMode::Supervise => {
+            config.frontend.lame_duck.as_millis().min(u64::MAX as u128) as u64
+        }
+        _ => 0,
+    }
+}
+
+/// The lame duck of a stopping node: the monitor URI fails (through the Runtime API) while
+/// everything else is served, so that the load balancer stops sending new connections before
+/// HAProxy's soft stop closes the listeners.
+struct LameDuck {
+    socket: PathBuf,
+    wait: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+}
+
+impl LameDuck {
+    /// Turns the switch on and waits out `lame_duck`; returns at once when there is none, or
+    /// when the switch cannot be turned on (waiting would drain nothing).
+    async fn run(&self) {
+        let wait = Duration::from_millis(self.wait.load(Ordering::Relaxed));
+        if wait.is_zero() {
+            return;
+        }
+        if let Err(e) = runtime::lame_duck(&self.socket, LAME_DUCK_SWITCH_TIMEOUT).await {
+            let (backend, server) = runtime::LAME_DUCK_SWITCH;
+            tracing::error!(
+                error = %e,
+                "lame duck skipped: the health check cannot be failed (a custom template needs the `{backend}` backend with a server `{server}`, and `monitor fail` on it; see the README); soft stop now"
+            );
+            return;
+        }
+        tracing::info!(
+            lame_duck = %humantime::format_duration(wait),
+            "lame duck: the monitor URI answers 503 and responses close their connections; still serving and applying changes until the soft stop (a second SIGTERM or SIGINT stops at once)"
+        );
+        tokio::time::sleep(wait).await;
+        tracing::info!("lame duck over: soft stop");
+    }
+}
+
+/// The signals `run` answers: SIGHUP reconfigures, SIGUSR1 confirms guard holds, the first
+/// SIGTERM or SIGINT stops (through the lame duck), a second one forces the stop.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    stop: StopSignals,
+}
+
+/// SIGTERM and SIGINT, which mean the same.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// The next SIGTERM or SIGINT, by name. Cancel-safe.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            stop: StopSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            },
+        })
+    }
+
+    async fn handle(
+        mut self,
+        tx: mpsc::Sender<Event>,
+        notifier: Arc<Notifier>,
+        stopper: Option<supervise::Stopper>,
+        lame_duck: LameDuck,
+        forced: Arc<AtomicBool>,
+    ) {
+        let name = loop {
+            let ev = tokio::select! {
+                _ = self.hup.recv() => { tracing::info!("SIGHUP: reloading config and templates"); Event::Reconfigure }
+                _ = self.usr1.recv() => { tracing::info!("SIGUSR1: confirming what the guard holds"); Event::Confirm }
+                name = self.stop.next() => break name,
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        };
+        tracing::info!("{name}: stopping");
+        // Told at once, although the lame duck, the apply in flight and HAProxy's soft stop
+        // follow.
+        notifier.stopping();
+        lame_duck.metrics.set_stopping();
+        // The reactor goes on applying changes during the lame duck; it hears of the stop
+        // when it is over, or at once when a second signal cuts it short.
+        let again = tokio::select! {
+            () = lame_duck.run() => None,
+            name = self.stop.next() => Some(name),
+        };
+        if let Some(name) = again {
+            tracing::warn!("{name} again during the lame duck: ending it");
+            force(name, &stopper, &forced);
+        }
+        let _ = tx.send(Event::Shutdown).await;
+        drop(tx);
+        // Stopping: the apply in flight finishes, then HAProxy drains for up to 35 s. An
+        // operator who sends SIGTERM or SIGINT again wants it over now.
+        loop {
+            let name = tokio::select! {
+                name = self.stop.next() => name,
+                _ = self.hup.recv() => { tracing::info!("SIGHUP ignored: stopping"); continue }
+                _ = self.usr1.recv() => { tracing::info!("SIGUSR1 ignored: stopping"); continue }
+            };
+            force(name, &stopper, &forced);
+        }
+    }
+}
+
+/// The forced stop, once: a supervised HAProxy stops at once and its open connections are cut.
+fn force(name: &str, stopper: &Option<supervise::Stopper>, forced: &AtomicBool) {
+    if forced.swap(true, Ordering::Relaxed) {
+        tracing::info!("{name}: already stopping at once");
+        return;
+    }
+    match stopper {
+        Some(s) => {
+            tracing::warn!(
+                "{name} again: forced stop; HAProxy stops at once and its open connections are cut"
+            );
+            s.hard();
+        }
+        None => tracing::warn!(
+            "{name} again: forced stop; HAProxy is not haconfd's to stop, haconfd exits after the apply in flight"
+        ),
+    }
 }

@@ -259,6 +259,8 @@ struct RawFrontend {
     default_domain: String,
     #[serde(default = "default_monitor_uri")]
     monitor_uri: String,
+    #[serde(default = "default_lame_duck")]
+    lame_duck: String,
 }
 
 impl Default for RawFrontend {
@@ -267,8 +269,13 @@ impl Default for RawFrontend {
             bind: default_bind(),
             default_domain: String::new(),
             monitor_uri: default_monitor_uri(),
+            lame_duck: default_lame_duck(),
         }
     }
+}
+
+fn default_lame_duck() -> String {
+    "0s".into()
 }
 
 fn default_bind() -> Vec<String> {
@@ -449,6 +456,10 @@ pub struct FrontendConfig {
     pub bind: Vec<String>,
     pub default_domain: String,
     pub monitor_uri: String,
+    /// How long the monitor URI fails before HAProxy's soft stop, on the first SIGTERM or
+    /// SIGINT (supervise mode). Not a template value: the template only holds the switch.
+    #[serde(skip)]
+    pub lame_duck: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -961,6 +972,10 @@ fn validate_haproxy(raw: RawHaproxy) -> Result<HaproxyConfig, ConfigError> {
     })
 }
 
+/// The longest lame duck: a stop that takes longer than this is a misconfiguration, and systemd
+/// or Docker would kill the process long before (their stop timeouts must exceed it).
+const MAX_LAME_DUCK: Duration = Duration::from_secs(600);
+
 fn validate_frontend(raw: RawFrontend) -> Result<FrontendConfig, ConfigError> {
     if raw.bind.is_empty() {
         return Err(invalid(
@@ -998,10 +1013,20 @@ fn validate_frontend(raw: RawFrontend) -> Result<FrontendConfig, ConfigError> {
             "write a path like \"/_haconfd/health\"",
         ));
     }
+    let lame_duck = duration("frontend.lame_duck", &raw.lame_duck)?;
+    if lame_duck > MAX_LAME_DUCK {
+        return Err(invalid(
+            "frontend.lame_duck",
+            &raw.lame_duck,
+            "is longer than 10 minutes",
+            "size it from the load balancer's health check: interval x unhealthy threshold, plus a margin (AWS ELB defaults: 30s x 2 = \"60s\")",
+        ));
+    }
     Ok(FrontendConfig {
         bind,
         default_domain: raw.default_domain.to_ascii_lowercase(),
         monitor_uri: raw.monitor_uri,
+        lame_duck,
     })
 }
 
@@ -1072,6 +1097,25 @@ dest = "/tmp/x.cfg"
         assert!(e.contains("`source.resync`") && e.contains("zero"), "{e}");
         let e = err(&format!("{MINIMAL}\n[guard]\nmax_drop_percent = 150\n"));
         assert!(e.contains("`guard.max_drop_percent`"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[frontend]\nlame_duck = \"1h\"\n"));
+        assert!(
+            e.contains("`frontend.lame_duck`") && e.contains("10 minutes"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}\n[frontend]\nlame_duck = \"-1s\"\n"));
+        assert!(e.contains("`frontend.lame_duck`"), "{e}");
+    }
+
+    #[test]
+    fn lame_duck_defaults_to_none() {
+        let c = Config::parse(MINIMAL, "test").expect("valid");
+        assert_eq!(c.frontend.lame_duck, Duration::ZERO);
+        let c = Config::parse(
+            &format!("{MINIMAL}\n[frontend]\nlame_duck = \"30s\"\n"),
+            "test",
+        )
+        .expect("valid");
+        assert_eq!(c.frontend.lame_duck, Duration::from_secs(30));
     }
 
     #[test]

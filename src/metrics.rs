@@ -57,6 +57,8 @@ pub struct Metrics {
     stale_after: AtomicU64,
     /// Readiness: a first apply succeeded.
     applied_once: AtomicBool,
+    /// The daemon was told to stop: lame duck, then HAProxy's soft stop. Never cleared.
+    stopping: AtomicBool,
     /// Why the source is not connected, if it is not.
     source_problem: Mutex<Option<String>>,
     /// What the last apply held: guard-held services and held-back keys, for `/readyz`.
@@ -91,6 +93,7 @@ impl Default for Metrics {
             // The config's default; `run` sets the configured value.
             stale_after: AtomicU64::new(30_000),
             applied_once: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             source_problem: Mutex::new(None),
             held_detail: Mutex::new((Vec::new(), Vec::new())),
             registry: Registry::with_prefix("haconfd"),
@@ -288,6 +291,15 @@ impl Metrics {
         }
     }
 
+    /// The daemon is stopping (the first SIGTERM or SIGINT): not ready from now on.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     /// Sets `[admin] stale_after`.
     pub fn set_stale_after(&self, d: Duration) {
         self.stale_after.store(
@@ -326,13 +338,16 @@ impl Metrics {
             .unwrap_or_else(|| "source not connected".into())
     }
 
-    /// `Ok` when ready; otherwise a short reason. Ready means: a first apply succeeded and the
-    /// source confirmed its state within `stale_after`. A disconnection shorter than that
+    /// `Ok` when ready; otherwise a short reason. Ready means: not stopping, a first apply
+    /// succeeded and the source confirmed its state within `stale_after`. A disconnection shorter than that
     /// (an etcd restart, a leader change) leaves a node ready: HAProxy serves the last good
     /// state, which is almost certainly still right, and a fleet that all turned not ready at
     /// once during an etcd rolling restart would help no one. [`Metrics::source_detail`] says
     /// so meanwhile.
     pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping() {
+            return Err("stopping (lame duck, then HAProxy's soft stop)".into());
+        }
         if !self.applied_once.load(Ordering::Relaxed) {
             return Err("no successful apply yet".into());
         }

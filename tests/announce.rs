@@ -315,6 +315,54 @@ fn sigterm_removes_the_key_at_once_and_sigkill_within_the_ttl() {
 }
 
 #[test]
+fn drain_removes_the_key_first_then_waits_before_exiting() {
+    let etcd = Etcd::start();
+    let url = etcd.endpoint();
+    // Issue 10: the key goes at once, the process stays for --drain (cut short by a second
+    // signal), or exits 0 by itself once it is over.
+    let mut long = Announce::start(&args(&url, "long", "5s", &["--drain", "5m"]));
+    let mut short = Announce::start(&args(&url, "short", "5s", &["--drain", "1s"]));
+    wait_key(&etcd, "/services/web/long", &long, "the key");
+    wait_key(&etcd, "/services/web/short", &short, "the key");
+
+    long.signal(Signal::SIGTERM);
+    wait_gone(
+        &etcd,
+        "/services/web/long",
+        Duration::from_secs(10),
+        "the key after SIGTERM",
+        &|| long.log(),
+    );
+    assert!(
+        matches!(long.child.try_wait(), Ok(None)),
+        "announce keeps running while it drains:\n{}",
+        long.log()
+    );
+    assert!(long.log().contains("draining"), "{}", long.log());
+    long.signal(Signal::SIGTERM);
+    assert_eq!(long.wait_exit(SETTLE), Some(0), "{}", long.log());
+    assert!(long.log().contains("drain cut short"), "{}", long.log());
+
+    short.signal(Signal::SIGTERM);
+    wait_gone(
+        &etcd,
+        "/services/web/short",
+        Duration::from_secs(10),
+        "the key after SIGTERM",
+        &|| short.log(),
+    );
+    assert_eq!(short.wait_exit(SETTLE), Some(0), "{}", short.log());
+    let log = short.log();
+    let revoked = log
+        .find("lease revoked")
+        .expect("the lease is revoked first");
+    let drained = log
+        .find("drained; exiting")
+        .expect("then the drain runs out");
+    assert!(revoked < drained, "{log}");
+}
+
+#[test]
 fn registered_again_after_etcd_restarts_and_after_a_long_outage() {
     let mut etcd = Etcd::start();
     let url = etcd.endpoint();

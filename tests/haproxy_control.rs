@@ -11,7 +11,11 @@
 //! - a second SIGTERM while HAProxy drains stops it at once;
 //! - exhausting the spare slots falls back to one reload that regrows them;
 //! - with the host map, a new route host is served through `prepare/add/commit map`, no reload;
-//!   a map line the plan cannot vouch for is one reload instead.
+//!   a map line the plan cannot vouch for is one reload instead;
+//! - the lame duck (issue 10): on SIGTERM the monitor URI answers 503 at once, traffic is still
+//!   served with `Connection: close`, changes still apply (a reload keeps the health check
+//!   failing), then the soft stop; a second SIGTERM ends it at once; a template without the
+//!   switch skips it and says what is missing.
 
 mod common;
 
@@ -958,4 +962,166 @@ fn a_map_line_the_plan_cannot_check_is_a_reload() {
     assert_eq!(lb.applied("runtime"), 0, "{}", lb.log());
     assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
+
+/// The head of a response (status line and headers, lower-cased) to `GET path` with
+/// `Host: host` over a fresh connection that asks for keep-alive.
+fn response_head(port: u16, host: &str, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).to_ascii_lowercase())
+}
+
+const MONITOR: &str = "/_haconfd/health";
+
+fn monitor_status(port: u16) -> Option<u16> {
+    http_get(port, "any", MONITOR).ok().map(|r| r.status)
+}
+
+#[test]
+fn the_lame_duck_fails_the_health_check_and_keeps_serving_and_applying() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let opts = Opts {
+        lame_duck: "6s",
+        ..supervise()
+    };
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &[at("a1", &a)])], ""),
+        opts,
+    );
+    let port = lb.port();
+    lb.reach("web", "a");
+    assert_eq!(monitor_status(port), Some(200));
+    let head = response_head(port, "web", "/").expect("a response");
+    assert!(!head.contains("connection: close"), "{head}");
+    let admin = lb.ws.admin_port().expect("the admin port in the config");
+
+    signal(lb.daemon.pid(), Signal::SIGTERM);
+    wait_for(SETTLE, "the monitor URI to fail", || {
+        (monitor_status(port) == Some(503)).then_some(())
+    });
+    assert!(
+        lb.log().contains("lame duck: the monitor URI answers 503"),
+        "{}",
+        lb.log()
+    );
+    // Everything else is served, and asks its client to close the connection.
+    let head = response_head(port, "web", "/").expect("served during the lame duck");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let ready = http_get(admin, "localhost", "/readyz").expect("/readyz answers");
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.body.starts_with("stopping"), "{ready:?}");
+
+    // A change still applies, through a reload, and the new worker keeps failing the check.
+    lb.ws.write_registry(registry(
+        &[("web", &[at("a1", &a)]), ("api", &[at("b1", &b)])],
+        "",
+    ));
+    lb.wait_applied("reload", 1);
+    lb.reach("api", "b");
+    assert_eq!(
+        monitor_status(port),
+        Some(503),
+        "the reloaded worker must fail the check too"
+    );
+    assert!(
+        matches!(lb.daemon.child.try_wait(), Ok(None)),
+        "haconfd still runs during the lame duck"
+    );
+
+    // Then the soft stop, and a clean exit.
+    let status = wait_for(SETTLE * 2, "haconfd to exit", || {
+        lb.daemon.child.try_wait().ok().flatten()
+    });
+    let log = lb.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let over = log
+        .find("lame duck over: soft stop")
+        .expect("the end is logged");
+    let soft = log.find("haproxy soft stop").expect("then the soft stop");
+    assert!(over < soft, "{log}");
+    assert!(!log.contains("stopped by force"), "{log}");
+}
+
+#[test]
+fn a_second_sigterm_ends_the_lame_duck_at_once() {
+    let a = Backend::start("a");
+    let opts = Opts {
+        // Far longer than the test waits: only the second signal can end it in time.
+        lame_duck: "5m",
+        ..supervise()
+    };
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        &registry(&[("web", &[at("a1", &a)])], ""),
+        opts,
+    );
+    let master = lb.proc().expect("show proc").master_pid;
+    signal(lb.daemon.pid(), Signal::SIGTERM);
+    wait_for(SETTLE, "the monitor URI to fail", || {
+        (monitor_status(lb.port()) == Some(503)).then_some(())
+    });
+    signal(lb.daemon.pid(), Signal::SIGTERM);
+    let status = wait_for(SETTLE, "haconfd to exit", || {
+        lb.daemon.child.try_wait().ok().flatten()
+    });
+    let log = lb.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("SIGTERM again during the lame duck: ending it"),
+        "{log}"
+    );
+    assert!(log.contains("stopped by force"), "{log}");
+    assert!(!log.contains("lame duck over"), "{log}");
+    wait_for(SETTLE, "the HAProxy master to exit", || {
+        (!pid_alive(master)).then_some(())
+    });
+}
+
+#[test]
+fn a_template_without_the_switch_skips_the_lame_duck_and_says_why() {
+    let a = Backend::start("a");
+    let template: String = Workspace::default_template()
+        .replace("    monitor fail if lame_duck\n", "")
+        .replace(
+            "    http-after-response set-header Connection close if lame_duck\n",
+            "",
+        )
+        .replace("    acl lame_duck nbsrv(_lameduck) lt 1\n", "")
+        .replace("backend _lameduck\n", "")
+        .replace("    server serving 127.0.0.1:1 no-check\n", "");
+    assert!(
+        !template.contains("backend _lameduck") && !template.contains("nbsrv(_lameduck)"),
+        "{template}"
+    );
+    let mut ws = Workspace::new("yaml");
+    ws.set_template(&template);
+    let opts = Opts {
+        lame_duck: "5m",
+        ..supervise()
+    };
+    let mut lb = Lb::start(ws, &registry(&[("web", &[at("a1", &a)])], ""), opts);
+    signal(lb.daemon.pid(), Signal::SIGTERM);
+    let status = wait_for(SETTLE * 2, "haconfd to exit", || {
+        lb.daemon.child.try_wait().ok().flatten()
+    });
+    let log = lb.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("lame duck skipped"), "{log}");
+    assert!(log.contains("`_lameduck` backend"), "{log}");
+    assert!(log.contains("haproxy soft stop"), "{log}");
 }

@@ -42,6 +42,8 @@ const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(600);
 /// Rise and fall bounds.
 const MAX_RISE_FALL: u32 = 100;
+/// The longest `--drain`: the service's stop timeout must exceed it.
+const MAX_DRAIN: Duration = Duration::from_secs(600);
 /// The endpoint used when neither the config nor --etcd names one.
 const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 /// The dial timeout used when the config has no [etcd] table (the config's own default).
@@ -80,7 +82,22 @@ pub async fn run(cs: &ConfigSource, args: AnnounceArgs) -> Result<(), Failure> {
         "announcing"
     );
     let health = check::Health::spawn(spec.check.clone());
-    session::run(etcd, registration, health, shutdown).await
+    session::run(etcd, registration, health, &mut shutdown).await?;
+    drain(spec.drain, &mut shutdown).await;
+    Ok(())
+}
+
+/// Waits `--drain` after the key is gone, so that the instance goes on serving while every
+/// node takes it out; a second SIGTERM or SIGINT ends the wait.
+async fn drain(wait: Duration, shutdown: &mut Shutdown) {
+    if wait.is_zero() {
+        return;
+    }
+    tracing::info!(drain = %humantime::format_duration(wait), "draining: the instance keeps serving while the nodes take it out (a second SIGTERM or SIGINT ends the wait)");
+    tokio::select! {
+        () = tokio::time::sleep(wait) => tracing::info!("drained; exiting"),
+        signal = shutdown.wait() => tracing::info!(signal, "drain cut short; exiting"),
+    }
 }
 
 /// The arguments, checked.
@@ -93,6 +110,8 @@ struct Spec {
     weight: Option<u16>,
     meta: BTreeMap<String, String>,
     check: Option<check::Check>,
+    /// How long to go on running once the key is removed on a stop.
+    drain: Duration,
 }
 
 /// Where the instance listens, or how to find out.
@@ -211,6 +230,15 @@ impl Spec {
                 "use a weight from 0 to 256",
             ));
         }
+        let drain = parse_duration("--drain", &args.drain)?;
+        if drain > MAX_DRAIN {
+            return Err(usage(
+                "--drain",
+                &args.drain,
+                "is longer than 10 minutes",
+                "size it from how long every node takes to apply a removal (`haconfd fleet --wait` measures it) plus the longest request, like \"5s\"",
+            ));
+        }
         let meta = parse_meta(&args.meta)?;
         let check = match &args.check {
             None => None,
@@ -224,6 +252,7 @@ impl Spec {
             weight: args.weight,
             meta,
             check,
+            drain,
         })
     }
 
@@ -751,6 +780,8 @@ mod tests {
             (&["--addr", "127.0.0.9:80", "--ttl", "2h"], "--ttl"),
             (&["--addr", "127.0.0.9:80", "--ttl", "5500ms"], "--ttl"),
             (&["--addr", "127.0.0.9:80", "--ttl", "soon"], "--ttl"),
+            (&["--addr", "127.0.0.9:80", "--drain", "11m"], "--drain"),
+            (&["--addr", "127.0.0.9:80", "--drain", "later"], "--drain"),
             (&["--addr", "127.0.0.9:80", "--weight", "257"], "--weight"),
             (&["--addr", "127.0.0.9:80", "--meta", "novalue"], "--meta"),
             (&["--addr", "127.0.0.9:80", "--meta", "k=a b"], "--meta"),

@@ -53,7 +53,7 @@ pub(super) async fn run(
     config: EtcdConfig,
     reg: Registration,
     mut health: Health,
-    mut shutdown: Shutdown,
+    shutdown: &mut Shutdown,
 ) -> Result<(), Failure> {
     let mut st = State {
         lease: None,
@@ -78,7 +78,7 @@ pub(super) async fn run(
             Ok((c, _)) => c,
             Err(f) => {
                 client = None;
-                if let Some(s) = failed(&mut st, f, &config, &mut shutdown).await {
+                if let Some(s) = failed(&mut st, f, &config, shutdown).await {
                     return stop(s, None, &st, &reg).await;
                 }
                 continue;
@@ -97,7 +97,7 @@ pub(super) async fn run(
                 st.written = false;
             }
             End::Failed(f) => {
-                if let Some(s) = failed(&mut st, f, &config, &mut shutdown).await {
+                if let Some(s) = failed(&mut st, f, &config, shutdown).await {
                     return stop(s, client.as_ref(), &st, &reg).await;
                 }
             }

@@ -361,6 +361,23 @@ pub async fn apply(socket: &Path, cmds: &[Cmd], timeout: Duration) -> Result<(),
     Ok(())
 }
 
+/// The lame-duck switch the default template holds: a server that is never sent traffic,
+/// whose maintenance makes `monitor fail` answer the monitor URI with 503 and every response
+/// carry `Connection: close`.
+pub const LAME_DUCK_SWITCH: (&str, &str) = ("_lameduck", "serving");
+
+/// Turns the lame duck on in the running HAProxy: one `set server` on the runtime socket, no
+/// reload. Refused when the template lacks the switch (`No such backend`).
+pub async fn lame_duck(socket: &Path, timeout: Duration) -> Result<(), RuntimeError> {
+    let (backend, server) = LAME_DUCK_SWITCH;
+    let cmd = Cmd::State {
+        backend: backend.into(),
+        server: server.into(),
+        ready: false,
+    };
+    apply(socket, &[cmd], timeout).await
+}
+
 fn refused(cmd: String, reply: &str) -> RuntimeError {
     RuntimeError::Refused {
         cmd,

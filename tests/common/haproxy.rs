@@ -35,6 +35,8 @@ pub struct Opts {
     pub hosts_map: bool,
     /// The map's template instead of the repository's.
     pub hosts_map_src: Option<PathBuf>,
+    /// `[frontend] lame_duck`.
+    pub lame_duck: &'static str,
 }
 
 impl Default for Opts {
@@ -47,6 +49,7 @@ impl Default for Opts {
             extra: String::new(),
             hosts_map: false,
             hosts_map_src: None,
+            lame_duck: "0s",
         }
     }
 }
@@ -113,6 +116,14 @@ impl Workspace {
         std::fs::read_to_string(repo().join("templates/haproxy.cfg.tera")).expect("read template")
     }
 
+    /// The admin endpoint's port, as the written config names it.
+    pub fn admin_port(&self) -> Option<u16> {
+        let text = std::fs::read_to_string(&self.config).ok()?;
+        let rest = text.split("[admin]").nth(1)?;
+        let listen = rest.split("listen = \"127.0.0.1:").nth(1)?;
+        listen.split('"').next()?.parse().ok()
+    }
+
     /// The master socket path of this workspace.
     pub fn master_socket(&self) -> PathBuf {
         self.path("run/master.sock")
@@ -150,6 +161,7 @@ max = "500ms"
 
 [frontend]
 bind = ["127.0.0.1:{port}"]
+lame_duck = "{lame_duck}"
 
 [admin]
 listen = "127.0.0.1:{admin}"
@@ -163,6 +175,7 @@ listen = "127.0.0.1:{admin}"
             mode = opts.mode,
             run = self.path("run").display(),
             port = self.bind_port,
+            lame_duck = opts.lame_duck,
             admin = free_port(),
             extra = opts.extra,
             hosts = if opts.hosts_map {
