@@ -122,6 +122,9 @@ fn is_digits(s: &str, max: usize) -> bool {
 /// A `server` line of the default template, strictly: `    server srvN 127.0.0.1:PORT weight
 /// W[ disabled]  # ID` for an instance, `    server srvN 127.0.0.1:1 disabled` for a free slot.
 fn server_line_ok(line: &str) -> bool {
+    if line == common::LAME_DUCK_SERVER_LINE {
+        return true;
+    }
     let Some(rest) = line.strip_prefix("    server srv") else {
         return false;
     };

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// The default template's lame-duck switch: a server line of the template's own, never data.
+pub const LAME_DUCK_SERVER_LINE: &str = "    server serving 127.0.0.1:1 no-check";
+
 /// The haconfd binary cargo built for these tests.
 pub fn haconfd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_haconfd"))
