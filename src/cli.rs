@@ -60,6 +60,11 @@ pub enum Command {
     /// Presence sidecar: register a service instance in etcd under a lease, keep it alive,
     /// and remove it when stopped.
     Announce(AnnounceArgs),
+    /// Every live node's published state ([fleet] in the config): applied revision, converged
+    /// or not, hash, age of the last apply, held services, ready. A node has converged when
+    /// nothing under the watched prefixes changed after its revision. With --wait, the deploy
+    /// gate: exit 0 once every live node has converged, 1 at the timeout naming the laggards.
+    Fleet(FleetArgs),
     /// Print the version, the git commit, the HAProxy version found and, with the etcd source,
     /// the etcd server version (an unreachable etcd is reported, not fatal).
     Version,
@@ -71,6 +76,25 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout, generated from this command line.
     Manpage,
+}
+
+/// `haconfd fleet`: see src/fleet.rs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetArgs {
+    /// Print a JSON array, one object per node (every published field, plus `converged` and
+    /// a `note` on why not), instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Wait until every live node has converged, checking every 100 ms; exit 1 at the
+    /// timeout, naming the nodes that lag (or saying that no node is live).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, and how long etcd may take to answer without it.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub timeout: String,
+    /// etcd endpoint(s), overriding the config's [etcd] endpoints.
+    #[arg(long = "etcd", value_name = "URL")]
+    pub etcd: Vec<String>,
 }
 
 /// `haconfd announce`: see src/announce.rs.

@@ -310,12 +310,31 @@ pub fn manpage() -> Result<(), Failure> {
     write_stdout(&out)
 }
 
-fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
+/// Writes a command's output; a closed stdout is a failure (exit 1), never a panic.
+pub(crate) fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(bytes)
         .and_then(|()| out.flush())
         .map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// The etcd a client command (`announce`, `fleet`) talks to: the config's `[etcd]` when its
+/// source is etcd, else the defaults; `urls` (`--etcd`), when given, replace the endpoints.
+pub fn etcd_for_client(config: &Config, urls: &[String]) -> Result<config::EtcdConfig, Failure> {
+    let mut etcd = match &config.source.kind {
+        SourceKind::Etcd(e) => e.clone(),
+        SourceKind::File(_) => config::EtcdConfig::default(),
+    };
+    if let Some(u) = urls.iter().find(|u| !config::is_endpoint_url(u)) {
+        return Err(Failure::Usage(format!(
+            "--etcd {u:?}: is not an etcd client URL (fix: write it like http://127.0.0.1:2379 or https://etcd1:2379)"
+        )));
+    }
+    if !urls.is_empty() {
+        etcd.endpoints = urls.to_vec();
+    }
+    Ok(etcd)
 }
 
 /// The real applier behind the reactor.
@@ -363,6 +382,11 @@ impl Apply for Daemon {
                     ms = r.duration.as_millis() as u64,
                     "applied"
                 );
+                // The fleet view publishes it (and wakes for it).
+                let running = self.applier.controller.is_running();
+                self.applier
+                    .metrics
+                    .set_last_apply(&r.hash, r.kind, running);
                 // systemd hears READY=1 when /readyz would say ready: the files are installed
                 // and the HAProxy this process drives has taken them. Sent once.
                 if self.applier.metrics.readiness().is_ok() {
@@ -409,6 +433,8 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let (utx, mut urx) = mpsc::channel::<Update>(64);
     let _source = source::spawn_watch(&config, utx, Arc::clone(&metrics))
         .map_err(|e| Failure::Runtime(e.into()))?;
+    // This node's state in etcd for `haconfd fleet`; it leaves the view when `run` ends.
+    let fleet = crate::fleet::Publisher::spawn(&config, Arc::clone(&metrics));
     let etx = tx.clone();
     let source_metrics = Arc::clone(&metrics);
     tokio::spawn(async move {
@@ -482,6 +508,9 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
         lame_duck_wait,
     };
     reactor::run(daemon, rx, wait).await;
+    if let Some(fleet) = fleet {
+        fleet.leave().await;
+    }
     notifier.stopping();
     if forced.load(Ordering::Relaxed) {
         tracing::warn!("stopped by force (a second SIGTERM or SIGINT)");
@@ -620,6 +649,8 @@ impl Signals {
         // follow.
         notifier.stopping();
         lame_duck.metrics.set_stopping();
+        // The fleet view shows the node stopping, not ready, at once.
+        lame_duck.metrics.poke_fleet();
         // The reactor goes on applying changes during the lame duck; it hears of the stop
         // when it is over, or at once when a second signal cuts it short.
         let again = tokio::select! {

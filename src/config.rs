@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::is_instance_id;
+
 /// The config used when neither `--config` nor `HACONFD_CONFIG` is given and the default path
 /// does not exist: the file source over `examples/registry.yaml`, HAProxy on loopback ports.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../examples/haconfd.toml");
@@ -76,6 +78,8 @@ struct RawConfig {
     guard: RawGuard,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    fleet: RawFleet,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,6 +339,32 @@ fn default_stale_after() -> String {
     "30s".into()
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    /// Empty: the host name.
+    #[serde(default)]
+    node: String,
+    /// Default: true with the etcd source, false with the file source.
+    publish: Option<bool>,
+    #[serde(default = "default_fleet_prefix")]
+    prefix: String,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        RawFleet {
+            node: String::new(),
+            publish: None,
+            prefix: default_fleet_prefix(),
+        }
+    }
+}
+
+fn default_fleet_prefix() -> String {
+    "/haconfd/nodes/".into()
+}
+
 /// The shortest `admin.stale_after`: the etcd source hears from etcd about once a second, so a
 /// shorter threshold would flip readiness on ordinary jitter.
 pub const MIN_STALE_AFTER: Duration = Duration::from_secs(2);
@@ -355,6 +385,7 @@ pub struct Config {
     pub frontend: FrontendConfig,
     pub guard: GuardConfig,
     pub admin: AdminConfig,
+    pub fleet: FleetConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -398,6 +429,22 @@ impl fmt::Debug for EtcdConfig {
             )
             .field("dial_timeout", &self.dial_timeout)
             .finish()
+    }
+}
+
+/// The defaults of an `[etcd]` table left out (what `announce` and `fleet` use with a config
+/// whose source is the file).
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: default_endpoints(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_file: None,
+            dial_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -475,6 +522,18 @@ pub struct AdminConfig {
     pub stale_after: Duration,
 }
 
+/// `[fleet]`: what this node publishes for `haconfd fleet`, and where. Read once at start.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The node's name in the fleet view (its key is `<prefix><node>`).
+    pub node: String,
+    /// Whether `run` publishes this node's state (only ever true with the etcd source).
+    pub publish: bool,
+    /// Where every node's key lives; it starts and ends with '/' and lies outside the watched
+    /// prefixes, so that publishing never feeds back into the registry.
+    pub prefix: String,
+}
+
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -501,6 +560,7 @@ impl Config {
 
     fn from_raw(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         let source = validate_source(raw.source, raw.etcd, raw.file)?;
+        let fleet = validate_fleet(raw.fleet, &source)?;
         let templates = validate_templates(raw.template)?;
         let haproxy = validate_haproxy(raw.haproxy)?;
         let wait = WaitConfig {
@@ -567,6 +627,7 @@ impl Config {
                 listen,
                 stale_after,
             },
+            fleet,
         })
     }
 
@@ -694,6 +755,94 @@ fn validate_source(
     })
 }
 
+/// This host's name (the kernel's, else /etc/hostname): the default of `[fleet] node` and of
+/// announce's instance ids. None when neither can be read.
+pub fn hostname() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .into_iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|text| text.trim().to_owned())
+        .find(|name| !name.is_empty())
+}
+
+fn validate_fleet(raw: RawFleet, source: &SourceConfig) -> Result<FleetConfig, ConfigError> {
+    let etcd = matches!(source.kind, SourceKind::Etcd(_));
+    if raw.publish == Some(true) && !etcd {
+        return Err(invalid(
+            "fleet.publish",
+            true,
+            "needs the etcd source: the fleet view lives in etcd, and source.kind is \"file\"",
+            "remove fleet.publish (it defaults to false with the file source), or set source.kind = \"etcd\"",
+        ));
+    }
+    let publish = raw.publish.unwrap_or(etcd);
+    let p = &raw.prefix;
+    if !p.starts_with('/')
+        || !p.ends_with('/')
+        || p.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(invalid(
+            "fleet.prefix",
+            p,
+            "is not a key prefix that starts and ends with '/'",
+            "write it like \"/haconfd/nodes/\"",
+        ));
+    }
+    // A node key under a watched prefix would be read as registry data, and every publish
+    // would be a change to apply, which publishes again.
+    if let Some(w) = source
+        .prefixes
+        .iter()
+        .find(|w| w.starts_with(p.as_str()) || p.starts_with(w.as_str()))
+    {
+        return Err(invalid(
+            "fleet.prefix",
+            p,
+            format!(
+                "overlaps the watched prefix {w:?} (source.prefixes): node keys would feed back into the registry"
+            ),
+            "use a prefix outside every source.prefixes entry, like \"/haconfd/nodes/\"",
+        ));
+    }
+    const NODE_FIX: &str = "set fleet.node to 1-128 of [A-Za-z0-9._:-], starting with a letter or digit, like \"lb-1\"";
+    let node = if raw.node.is_empty() {
+        match hostname() {
+            Some(h) if is_instance_id(&h) || !publish => h,
+            Some(h) => {
+                return Err(invalid(
+                    "fleet.node",
+                    h,
+                    "is empty, and this host's name (shown) is not a node name",
+                    NODE_FIX,
+                ));
+            }
+            None if publish => {
+                return Err(invalid(
+                    "fleet.node",
+                    "",
+                    "is empty, and this host's name cannot be read",
+                    NODE_FIX,
+                ));
+            }
+            None => String::new(),
+        }
+    } else if is_instance_id(&raw.node) {
+        raw.node
+    } else {
+        return Err(invalid(
+            "fleet.node",
+            &raw.node,
+            "is not a node name",
+            NODE_FIX,
+        ));
+    };
+    Ok(FleetConfig {
+        node,
+        publish,
+        prefix: raw.prefix,
+    })
+}
+
 fn validate_etcd(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
     if raw.endpoints.is_empty() {
         return Err(invalid(
@@ -704,13 +853,7 @@ fn validate_etcd(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
         ));
     }
     for (i, e) in raw.endpoints.iter().enumerate() {
-        let rest = e
-            .strip_prefix("http://")
-            .or_else(|| e.strip_prefix("https://"));
-        let ok = rest.is_some_and(|r| {
-            !r.is_empty() && !r.contains('/') && !r.chars().any(char::is_whitespace)
-        });
-        if !ok {
+        if !is_endpoint_url(e) {
             return Err(invalid(
                 format!("etcd.endpoints[{i}]"),
                 e,
@@ -747,6 +890,17 @@ fn validate_etcd(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
         password_file: raw.password_file,
         dial_timeout: positive("etcd.dial_timeout", &raw.dial_timeout)?,
     })
+}
+
+/// An etcd client URL: `http://` or `https://`, then a host and port, no path, no spaces.
+pub fn is_endpoint_url(s: &str) -> bool {
+    s.strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .is_some_and(|r| {
+            !r.is_empty()
+                && !r.contains('/')
+                && !r.chars().any(|c| c.is_whitespace() || c.is_control())
+        })
 }
 
 /// Template names appear in file names and logs: keep them to a safe token.
@@ -1184,5 +1338,118 @@ dest = "/tmp/x.cfg"
         let c = Config::parse(text, "test").expect("valid");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("/secret/etcd-password"), "{dbg}");
+    }
+
+    /// MINIMAL with the etcd source instead of the file.
+    fn etcd_minimal() -> String {
+        MINIMAL.replace(
+            "kind = \"file\"\n[file]\npath = \"registry.yaml\"",
+            "kind = \"etcd\"",
+        )
+    }
+
+    #[test]
+    fn fleet_defaults_follow_the_source() {
+        let c = Config::parse(&etcd_minimal(), "test").expect("valid");
+        assert!(c.fleet.publish, "the etcd source publishes by default");
+        assert_eq!(c.fleet.prefix, "/haconfd/nodes/");
+        assert_eq!(Some(c.fleet.node.clone()), hostname());
+        let c = Config::parse(MINIMAL, "test").expect("valid");
+        assert!(
+            !c.fleet.publish,
+            "the file source has nothing to publish to"
+        );
+        let c = Config::parse(
+            &format!(
+                "{}\n[fleet]\nnode = \"lb-1\"\npublish = false\nprefix = \"/fleet/\"\n",
+                etcd_minimal()
+            ),
+            "test",
+        )
+        .expect("valid");
+        assert_eq!(
+            (
+                c.fleet.node.as_str(),
+                c.fleet.publish,
+                c.fleet.prefix.as_str()
+            ),
+            ("lb-1", false, "/fleet/")
+        );
+    }
+
+    #[test]
+    fn fleet_errors_name_the_key() {
+        let etcd = etcd_minimal();
+        for (text, key, value, problem) in [
+            (
+                format!("{MINIMAL}\n[fleet]\npublish = true\n"),
+                "fleet.publish",
+                "true",
+                "etcd source",
+            ),
+            (
+                format!("{etcd}\n[fleet]\nnode = \"lb 1\"\n"),
+                "fleet.node",
+                "\"lb 1\"",
+                "not a node name",
+            ),
+            (
+                format!("{etcd}\n[fleet]\nnode = \"-lb\"\n"),
+                "fleet.node",
+                "\"-lb\"",
+                "not a node name",
+            ),
+            (
+                format!("{etcd}\n[fleet]\nprefix = \"/nodes\"\n"),
+                "fleet.prefix",
+                "\"/nodes\"",
+                "starts and ends",
+            ),
+            (
+                format!("{etcd}\n[fleet]\nprefix = \"nodes/\"\n"),
+                "fleet.prefix",
+                "\"nodes/\"",
+                "starts and ends",
+            ),
+            // Under a watched prefix, and above one.
+            (
+                format!("{etcd}\n[fleet]\nprefix = \"/services/nodes/\"\n"),
+                "fleet.prefix",
+                "\"/services/nodes/\"",
+                "overlaps the watched prefix \"/services/\"",
+            ),
+            (
+                format!("{etcd}\n[fleet]\nprefix = \"/\"\n"),
+                "fleet.prefix",
+                "\"/\"",
+                "overlaps",
+            ),
+            (
+                format!("{etcd}\n[fleet]\nprefix = \"/routes/\"\n"),
+                "fleet.prefix",
+                "\"/routes/\"",
+                "overlaps the watched prefix \"/routes/\"",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(
+                e.contains(&format!("`{key}` = {value}"))
+                    && e.contains(problem)
+                    && e.contains("fix:"),
+                "{e}"
+            );
+        }
+        // Overlap is checked against the configured prefixes, not the defaults.
+        let text = etcd.replace(
+            "kind = \"etcd\"",
+            "kind = \"etcd\"\nprefixes = [\"/lb/services/\"]",
+        );
+        let e = err(&format!("{text}\n[fleet]\nprefix = \"/lb/\"\n"));
+        assert!(
+            e.contains("`fleet.prefix`") && e.contains("/lb/services/"),
+            "{e}"
+        );
+        let e = err(&format!("{etcd}\n[fleet]\nnodes = \"lb-1\"\n"));
+        assert!(e.contains("unknown field `nodes`"), "{e}");
     }
 }

@@ -12,6 +12,8 @@
 //! - `apply`    — one apply: guard → render → install → reload, restoring on failure
 //! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
 //! - `announce` — the presence sidecar: an instance's key under a lease
+//! - `fleet`    — each node's state published to etcd, and `haconfd fleet`: who has converged
+//! - `lease`    — an etcd lease kept alive by a long-running client (announce, fleet)
 //! - `commands` — the subcommands, with exit codes
 //! - `metrics`  — Prometheus metrics and readiness state
 //! - `admin`    — the admin endpoint: /metrics, /healthz, /readyz
@@ -23,9 +25,11 @@ pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod fleet;
 pub mod guard;
 pub mod haproxy;
 pub mod isolate;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -43,6 +43,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         } => commands::render(&cs, print, diff, template.as_deref()).await,
         Command::Check { template } => commands::check(&cs, template.as_deref()).await,
         Command::Announce(args) => haconfd::announce::run(&cs, args).await,
+        Command::Fleet(args) => haconfd::fleet::command(&cs, args).await,
         Command::Version => commands::version(&cs).await,
         Command::Completions { shell } => commands::completions(shell),
         Command::Manpage => commands::manpage(),

@@ -63,6 +63,10 @@ pub struct Metrics {
     source_problem: Mutex<Option<String>>,
     /// What the last apply held: guard-held services and held-back keys, for `/readyz`.
     held_detail: Mutex<(Vec<String>, Vec<String>)>,
+    /// The last successful apply, as the fleet view publishes it.
+    last_apply: Mutex<Option<LastApply>>,
+    /// Wakes the fleet publisher (`src/fleet.rs`) when what it publishes may have changed.
+    fleet_poke: tokio::sync::Notify,
     registry: Registry,
 }
 
@@ -96,6 +100,8 @@ impl Default for Metrics {
             stopping: AtomicBool::new(false),
             source_problem: Mutex::new(None),
             held_detail: Mutex::new((Vec::new(), Vec::new())),
+            last_apply: Mutex::new(None),
+            fleet_poke: tokio::sync::Notify::new(),
             registry: Registry::with_prefix("haconfd"),
         };
         m.register()
@@ -379,6 +385,61 @@ impl Metrics {
             )
         })
     }
+
+    // The fleet view (`src/fleet.rs`) publishes what follows, with the readiness above.
+
+    /// Records a successful apply for the fleet view and wakes its publisher.
+    pub fn set_last_apply(&self, hash: &str, kind: ApplyKind, haproxy_running: bool) {
+        if let Ok(mut l) = self.last_apply.lock() {
+            *l = Some(LastApply {
+                hash: hash.to_owned(),
+                kind,
+                at: SystemTime::now(),
+                haproxy_running,
+            });
+        }
+        self.poke_fleet();
+    }
+
+    pub fn last_apply(&self) -> Option<LastApply> {
+        self.last_apply.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// The source revision of the last successful apply (0 before the first).
+    pub fn applied_revision(&self) -> i64 {
+        self.applied_revision.get()
+    }
+
+    /// What the last apply held: guard-held services and held-back keys.
+    pub fn held(&self) -> (Vec<String>, Vec<String>) {
+        self.held_detail
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// Tells the fleet publisher that what it publishes may have changed (an apply, the start
+    /// of the lame duck). Pokes that come while it is busy coalesce into one.
+    pub fn poke_fleet(&self) {
+        self.fleet_poke.notify_one();
+    }
+
+    /// Returns at the next [`Metrics::poke_fleet`], or at once when one came since the last
+    /// call. Only the fleet publisher waits here.
+    pub async fn fleet_poked(&self) {
+        self.fleet_poke.notified().await;
+    }
+}
+
+/// The last successful apply, for the fleet view.
+#[derive(Debug, Clone)]
+pub struct LastApply {
+    /// The apply report's hash of the rendered files.
+    pub hash: String,
+    pub kind: ApplyKind,
+    pub at: SystemTime,
+    /// Whether the HAProxy the daemon drives was running after it.
+    pub haproxy_running: bool,
 }
 
 fn unix_seconds() -> f64 {

@@ -26,7 +26,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::cli::AnnounceArgs;
 use crate::commands::{ConfigSource, Failure};
-use crate::config::{EtcdConfig, SourceKind};
+use crate::config::EtcdConfig;
 use crate::model::{
     self, Host, MAX_VALUE_LEN, Registry, SERVICES_PREFIX, Snapshot, is_config_unsafe, is_http_path,
     is_instance_id, is_service_name,
@@ -44,10 +44,6 @@ const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(600);
 const MAX_RISE_FALL: u32 = 100;
 /// The longest `--drain`: the service's stop timeout must exceed it.
 const MAX_DRAIN: Duration = Duration::from_secs(600);
-/// The endpoint used when neither the config nor --etcd names one.
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
-/// The dial timeout used when the config has no [etcd] table (the config's own default).
-const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The host announced with a port discovered from Docker when no other is given.
 const DEFAULT_DOCKER_HOST: &str = "127.0.0.1";
 /// Meta limits, as the registry enforces them.
@@ -493,56 +489,16 @@ fn parse_check_url(url: &str) -> Result<check::Probe, String> {
 /// etcd settings: the config's [etcd] when its source is etcd, else the defaults; --etcd
 /// replaces the endpoints.
 fn etcd_config(cs: &ConfigSource, urls: &[String]) -> Result<EtcdConfig, Failure> {
-    let config = cs.load()?;
-    let mut etcd = match config.source.kind {
-        SourceKind::Etcd(e) => e,
-        SourceKind::File(_) => EtcdConfig {
-            endpoints: vec![DEFAULT_ENDPOINT.to_owned()],
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            username: None,
-            password_file: None,
-            dial_timeout: DEFAULT_DIAL_TIMEOUT,
-        },
-    };
-    if !urls.is_empty() {
-        for u in urls {
-            let rest = u
-                .strip_prefix("http://")
-                .or_else(|| u.strip_prefix("https://"));
-            let ok = rest.is_some_and(|r| {
-                !r.is_empty()
-                    && !r.contains('/')
-                    && !r.chars().any(|c| c.is_whitespace() || c.is_control())
-            });
-            if !ok {
-                return Err(usage(
-                    "--etcd",
-                    u,
-                    "is not an etcd client URL",
-                    "write it like http://127.0.0.1:2379 or https://etcd1:2379",
-                ));
-            }
-        }
-        etcd.endpoints = urls.to_vec();
-    }
-    Ok(etcd)
+    crate::commands::etcd_for_client(&cs.load()?, urls)
 }
 
 /// This host's name, for the default instance id.
 fn hostname() -> Result<String, Failure> {
-    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let name = text.trim();
-            if !name.is_empty() {
-                return Ok(name.to_owned());
-            }
-        }
-    }
-    Err(Failure::Usage(
-        "cannot read this host's name for the default instance id (fix: give --id)".into(),
-    ))
+    crate::config::hostname().ok_or_else(|| {
+        Failure::Usage(
+            "cannot read this host's name for the default instance id (fix: give --id)".into(),
+        )
+    })
 }
 
 /// `<hostname>-<port>`, cut down to the instance-id rule: stable across restarts of the same

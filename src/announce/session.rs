@@ -14,18 +14,11 @@ use super::check::Health;
 use super::{Registration, Shutdown};
 use crate::commands::Failure;
 use crate::config::EtcdConfig;
+use crate::lease::{self, Held, Lost, Opened, PING_TIMEOUT, not_found as lease_not_found};
 use crate::source::etcd::{
-    self, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, KEEP_ALIVE_TIMEOUT, Kind,
+    BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, KEEP_ALIVE_TIMEOUT, Kind,
 };
 
-/// HTTP/2 keep-alive on announce's connection. Its own lease keep-alives are often far
-/// apart (every 100 s with the default 5 m TTL), and etcd closes a connection that pings
-/// more often than every 5 s while it sends nothing (GOAWAY "too_many_pings"), so pings go
-/// out every 10 s; a hung connection is still noticed within about 15 s, far inside a lease.
-const PING_INTERVAL: Duration = Duration::from_secs(10);
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
-/// A keep-alive not answered this long (or one interval, when longer) ends the session.
-const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// The revoke on stop: the contract is "gone within a second".
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -65,17 +58,12 @@ pub(super) async fn run(
     let user = config.username.clone();
     let mut client: Option<Client> = None;
     loop {
-        let connecting = async {
-            let options =
-                etcd::connect_options(&config)?.with_keep_alive(PING_INTERVAL, PING_TIMEOUT);
-            etcd::connect_with(&config, options).await
-        };
         let connected = tokio::select! {
-            r = connecting => r,
+            r = lease::connect(&config) => r,
             s = shutdown.wait() => return stop(s, client.as_ref(), &st, &reg).await,
         };
         let c = match connected {
-            Ok((c, _)) => c,
+            Ok(c) => c,
             Err(f) => {
                 client = None;
                 if let Some(s) = failed(&mut st, f, &config, shutdown).await {
@@ -177,12 +165,12 @@ async fn stop(
     Ok(())
 }
 
-/// Whether etcd says the lease does not exist.
-fn lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
-        _ => false,
+impl From<Lost> for End {
+    fn from(lost: Lost) -> End {
+        match lost {
+            Lost::Lease(why) => End::LeaseLost(why),
+            Lost::Failed(f) => End::Failed(f),
+        }
     }
 }
 
@@ -193,12 +181,9 @@ async fn call<T>(
     user: Option<&str>,
     fut: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, End> {
-    match tokio::time::timeout(deadline, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if lease_not_found(&e) => Err(End::LeaseLost(format!("{what}: {e}"))),
-        Ok(Err(e)) => Err(End::Failed(EtcdFailure::from_etcd(what, &e, user))),
-        Err(_) => Err(End::Failed(EtcdFailure::timeout(what, deadline))),
-    }
+    lease::call(what, deadline, user, fut)
+        .await
+        .map_err(End::from)
 }
 
 /// Resumes or grants the lease, writes the key to match the health, and keeps the lease
@@ -226,41 +211,19 @@ async fn session_inner(
     user: Option<&str>,
 ) -> Result<Never, End> {
     let deadline = KEEP_ALIVE_TIMEOUT + PING_TIMEOUT;
-    let mut lc = client.lease_client();
     let mut kv = client.kv_client();
-    let ttl_secs = reg.ttl.as_secs() as i64;
-
-    let resumed = match st.lease {
-        Some(id) => match call("lease keep-alive", deadline, user, lc.keep_alive(id)).await {
-            Ok(ka) => {
-                tracing::debug!(lease = format!("{id:x}"), "lease resumed");
-                Some((id, ka))
-            }
-            Err(End::LeaseLost(why)) => {
-                tracing::warn!(key = %reg.key, lease = format!("{id:x}"), reason = %why, "the lease expired while etcd was unreachable; granting a new one");
-                st.lease = None;
+    let (mut held, opened) = Held::open(client, &mut st.lease, reg.ttl, deadline, user).await?;
+    let lease = held.id();
+    match opened {
+        Opened::Resumed => tracing::debug!(lease = format!("{lease:x}"), "lease resumed"),
+        Opened::Granted { ttl, replaced } => {
+            if let Some((old, why)) = replaced {
+                tracing::warn!(key = %reg.key, lease = format!("{old:x}"), reason = %why, "the lease expired while etcd was unreachable; granting a new one");
                 st.written = false;
-                None
             }
-            Err(end) => return Err(end),
-        },
-        None => None,
-    };
-    let (lease, (mut keeper, mut stream)) = match resumed {
-        Some(r) => r,
-        None => {
-            let granted = call("lease grant", deadline, user, lc.grant(ttl_secs, None)).await?;
-            let id = granted.id();
-            st.lease = Some(id);
-            tracing::debug!(
-                lease = format!("{id:x}"),
-                ttl = granted.ttl(),
-                "lease granted"
-            );
-            let ka = call("lease keep-alive", deadline, user, lc.keep_alive(id)).await?;
-            (id, ka)
+            tracing::debug!(lease = format!("{lease:x}"), ttl, "lease granted");
         }
-    };
+    }
 
     // The key as the health says, now: after an outage it may have been lost (etcd restored
     // from a backup) or the health may have changed meanwhile.
@@ -277,34 +240,11 @@ async fn session_inner(
     st.failures = 0;
     st.backoff.reset();
 
-    let interval = (reg.ttl / 3).max(Duration::from_secs(1));
-    let answer_within = interval.max(ANSWER_WITHIN);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // When the oldest unanswered keep-alive went out.
-    let mut unanswered: Option<Instant> = None;
     loop {
         tokio::select! {
-            msg = stream.message() => match msg {
-                Ok(Some(resp)) if resp.ttl() > 0 => unanswered = None,
-                Ok(Some(_)) => return Err(End::LeaseLost("keep-alive answered TTL 0 (lease not found)".into())),
-                Ok(None) => return Err(End::Failed(EtcdFailure::new(Kind::Unavailable, "etcd ended the lease keep-alive stream"))),
-                Err(e) if lease_not_found(&e) => return Err(End::LeaseLost(format!("keep-alive: {e}"))),
-                Err(e) => return Err(End::Failed(EtcdFailure::from_etcd("lease keep-alive stream", &e, user))),
-            },
+            lost = held.until_lost(user) => return Err(lost.into()),
             _ = health.changed() => {
                 write(&mut kv, st, reg, lease, health.is_up(), deadline, user).await?;
-            }
-            _ = ticker.tick() => {
-                if let Some(sent) = unanswered
-                    && sent.elapsed() > answer_within
-                {
-                    return Err(End::Failed(EtcdFailure::timeout("lease keep-alive", answer_within)));
-                }
-                keeper.keep_alive().await.map_err(|e| {
-                    End::Failed(EtcdFailure::new(Kind::Unavailable, format!("lease keep-alive: {e}")))
-                })?;
-                unanswered.get_or_insert_with(Instant::now);
             }
         }
     }

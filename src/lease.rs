@@ -1,0 +1,172 @@
+//! An etcd lease held by a long-running client: announce's registration and the fleet view's
+//! node key. In: a connected client, the lease held before (if any) and a TTL. Out: the lease,
+//! resumed when etcd still knows it (a lease survives an etcd restart) or granted anew, kept
+//! alive every TTL/3 until etcd stops answering or forgets it.
+//!
+//! Both holders connect the same way ([`connect`]) and tell the same two endings apart
+//! ([`Lost`]): a lease etcd no longer knows is replaced at once, anything else is retried
+//! after a backoff.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+
+use crate::config::EtcdConfig;
+use crate::source::etcd::{self, Failure as EtcdFailure, Kind};
+
+/// HTTP/2 keep-alive on a lease holder's connection. Its lease keep-alives may be far apart
+/// (every 100 s with announce's default 5 m TTL), and etcd closes a connection that pings more
+/// often than every 5 s while it sends nothing (GOAWAY "too_many_pings"), so pings go out
+/// every 10 s; a hung connection is still noticed within about 15 s, far inside a lease.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// A keep-alive not answered this long (or one interval, when longer) ends the session.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Connects with the config's endpoints, TLS and auth, and the lease holder's pings.
+pub(crate) async fn connect(config: &EtcdConfig) -> Result<Client, EtcdFailure> {
+    let options = etcd::connect_options(config)?.with_keep_alive(PING_INTERVAL, PING_TIMEOUT);
+    etcd::connect_with(config, options).await.map(|(c, _)| c)
+}
+
+/// Why a lease is no longer kept.
+pub(crate) enum Lost {
+    /// etcd no longer knows the lease (it expired or was revoked): grant a new one at once.
+    Lease(String),
+    /// etcd failed or did not answer: back off, then reconnect and resume the lease.
+    Failed(EtcdFailure),
+}
+
+/// Whether etcd says the lease does not exist.
+pub(crate) fn not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// A call with a deadline; "lease not found" is told apart.
+pub(crate) async fn call<T>(
+    what: &str,
+    deadline: Duration,
+    user: Option<&str>,
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Lost> {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if not_found(&e) => Err(Lost::Lease(format!("{what}: {e}"))),
+        Ok(Err(e)) => Err(Lost::Failed(EtcdFailure::from_etcd(what, &e, user))),
+        Err(_) => Err(Lost::Failed(EtcdFailure::timeout(what, deadline))),
+    }
+}
+
+/// How [`Held::open`] came by its lease.
+pub(crate) enum Opened {
+    /// The lease held before, still known to etcd: the keys under it are still there.
+    Resumed,
+    /// A new lease; `replaced` is the one etcd had forgotten, and why.
+    Granted {
+        ttl: i64,
+        replaced: Option<(i64, String)>,
+    },
+}
+
+/// A lease being kept alive.
+pub(crate) struct Held {
+    id: i64,
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+    ticker: tokio::time::Interval,
+    answer_within: Duration,
+    /// When the oldest unanswered keep-alive went out.
+    unanswered: Option<Instant>,
+}
+
+impl Held {
+    /// Resumes `*lease` or grants a new one of `ttl`, and starts its keep-alive. `*lease` is
+    /// updated as soon as it changes (a granted lease is remembered even when the keep-alive
+    /// then fails), so the caller can resume or revoke it later.
+    pub(crate) async fn open(
+        client: &Client,
+        lease: &mut Option<i64>,
+        ttl: Duration,
+        deadline: Duration,
+        user: Option<&str>,
+    ) -> Result<(Held, Opened), Lost> {
+        let mut lc = client.lease_client();
+        let mut replaced = None;
+        if let Some(id) = *lease {
+            match call("lease keep-alive", deadline, user, lc.keep_alive(id)).await {
+                Ok((keeper, stream)) => {
+                    return Ok((Held::new(id, keeper, stream, ttl), Opened::Resumed));
+                }
+                Err(Lost::Lease(why)) => {
+                    *lease = None;
+                    replaced = Some((id, why));
+                }
+                Err(lost) => return Err(lost),
+            }
+        }
+        let granted = call(
+            "lease grant",
+            deadline,
+            user,
+            lc.grant(ttl.as_secs() as i64, None),
+        )
+        .await?;
+        let id = granted.id();
+        *lease = Some(id);
+        let (keeper, stream) = call("lease keep-alive", deadline, user, lc.keep_alive(id)).await?;
+        let opened = Opened::Granted {
+            ttl: granted.ttl(),
+            replaced,
+        };
+        Ok((Held::new(id, keeper, stream, ttl), opened))
+    }
+
+    fn new(id: i64, keeper: LeaseKeeper, stream: LeaseKeepAliveStream, ttl: Duration) -> Held {
+        let interval = (ttl / 3).max(Duration::from_secs(1));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Held {
+            id,
+            keeper,
+            stream,
+            ticker,
+            answer_within: interval.max(ANSWER_WITHIN),
+            unanswered: None,
+        }
+    }
+
+    pub(crate) fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Keeps the lease alive until it is lost. Cancel-safe: it can lose a `select!` to the
+    /// holder's own work and be called again.
+    pub(crate) async fn until_lost(&mut self, user: Option<&str>) -> Lost {
+        loop {
+            tokio::select! {
+                msg = self.stream.message() => match msg {
+                    Ok(Some(resp)) if resp.ttl() > 0 => self.unanswered = None,
+                    Ok(Some(_)) => return Lost::Lease("keep-alive answered TTL 0 (lease not found)".into()),
+                    Ok(None) => return Lost::Failed(EtcdFailure::new(Kind::Unavailable, "etcd ended the lease keep-alive stream")),
+                    Err(e) if not_found(&e) => return Lost::Lease(format!("keep-alive: {e}")),
+                    Err(e) => return Lost::Failed(EtcdFailure::from_etcd("lease keep-alive stream", &e, user)),
+                },
+                _ = self.ticker.tick() => {
+                    if let Some(sent) = self.unanswered
+                        && sent.elapsed() > self.answer_within
+                    {
+                        return Lost::Failed(EtcdFailure::timeout("lease keep-alive", self.answer_within));
+                    }
+                    if let Err(e) = self.keeper.keep_alive().await {
+                        return Lost::Failed(EtcdFailure::new(Kind::Unavailable, format!("lease keep-alive: {e}")));
+                    }
+                    self.unanswered.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+}
