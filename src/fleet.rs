@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::cli::FleetArgs;
 use crate::commands::{self, ConfigSource, Failure};
 use crate::config::{Config, EtcdConfig, HaproxyMode, SourceKind};
-use crate::lease::{self, Held, Lost, Opened};
+use crate::lease::{self, Held, Lost, Members, Opened};
 use crate::metrics::Metrics;
 use crate::source::etcd::{
     self as etcd_source, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind,
@@ -158,6 +158,7 @@ impl Publisher {
             down_since: None,
             last_json: None,
             last_write: None,
+            members: Members::default(),
         };
         let (stop, stopped) = oneshot::channel();
         Some(Publisher {
@@ -195,6 +196,8 @@ struct Task {
     /// What was last written, and when.
     last_json: Option<String>,
     last_write: Option<tokio::time::Instant>,
+    /// Which etcd member to talk to.
+    members: Members,
 }
 
 enum Never {}
@@ -204,7 +207,7 @@ impl Task {
         let mut client: Option<Client> = None;
         loop {
             let connected = tokio::select! {
-                r = lease::connect(&self.etcd) => r,
+                r = self.members.connect(&self.etcd) => r,
                 _ = &mut stop => break,
             };
             let c = match connected {
@@ -228,6 +231,8 @@ impl Task {
                     self.lease = None;
                 }
                 Lost::Failed(f) => {
+                    // The member in use failed: the next connect starts at another one.
+                    self.members.failed(self.etcd.endpoints.len());
                     if self.wait_after(f, &mut stop).await {
                         break;
                     }

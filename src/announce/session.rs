@@ -14,13 +14,13 @@ use super::check::Health;
 use super::{Registration, Shutdown};
 use crate::commands::Failure;
 use crate::config::EtcdConfig;
-use crate::lease::{self, Held, Lost, Opened, PING_TIMEOUT, not_found as lease_not_found};
-use crate::source::etcd::{
-    BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, KEEP_ALIVE_TIMEOUT, Kind,
-};
+use crate::lease::{self, Held, Lost, Members, Opened, not_found as lease_not_found};
+use crate::source::etcd::{BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind};
 
 /// The revoke on stop: the contract is "gone within a second".
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// When the member in use cannot revoke: how long another one may take.
+const REVOKE_RETRY_WITHIN: Duration = Duration::from_secs(3);
 
 /// How a session ended.
 enum End {
@@ -39,6 +39,8 @@ struct State {
     backoff: Backoff,
     down_since: Option<Instant>,
     failures: u32,
+    /// Which etcd member to talk to.
+    members: Members,
 }
 
 /// Registers and keeps the registration until a signal; exits 0 then.
@@ -54,20 +56,21 @@ pub(super) async fn run(
         backoff: Backoff::new(),
         down_since: None,
         failures: 0,
+        members: Members::default(),
     };
     let user = config.username.clone();
     let mut client: Option<Client> = None;
     loop {
         let connected = tokio::select! {
-            r = lease::connect(&config) => r,
-            s = shutdown.wait() => return stop(s, client.as_ref(), &st, &reg).await,
+            r = st.members.connect(&config) => r,
+            s = shutdown.wait() => return stop(s, client.as_ref(), &mut st, &reg, &config).await,
         };
         let c = match connected {
             Ok(c) => c,
             Err(f) => {
                 client = None;
                 if let Some(s) = failed(&mut st, f, &config, shutdown).await {
-                    return stop(s, None, &st, &reg).await;
+                    return stop(s, None, &mut st, &reg, &config).await;
                 }
                 continue;
             }
@@ -78,15 +81,17 @@ pub(super) async fn run(
             s = shutdown.wait() => End::Shutdown(s),
         };
         match end {
-            End::Shutdown(s) => return stop(s, client.as_ref(), &st, &reg).await,
+            End::Shutdown(s) => return stop(s, client.as_ref(), &mut st, &reg, &config).await,
             End::LeaseLost(why) => {
                 tracing::warn!(key = %reg.key, reason = %why, "the lease is gone (it expired or was revoked); registering again under a new lease");
                 st.lease = None;
                 st.written = false;
             }
             End::Failed(f) => {
+                // The member in use failed: the next connect starts at another one.
+                st.members.failed(config.endpoints.len());
                 if let Some(s) = failed(&mut st, f, &config, shutdown).await {
-                    return stop(s, client.as_ref(), &st, &reg).await;
+                    return stop(s, client.as_ref(), &mut st, &reg, &config).await;
                 }
             }
         }
@@ -124,42 +129,76 @@ async fn failed(
     }
 }
 
-/// Revokes the lease (the key goes with it) and returns Ok: stopping is never a failure.
+/// How a revoke ended.
+enum Revoke {
+    Done,
+    /// The lease had expired already: the key is gone.
+    NotFound,
+    Failed(String),
+}
+
+async fn revoke(client: &Client, lease: i64) -> Revoke {
+    let mut lc = client.lease_client();
+    match tokio::time::timeout(REVOKE_TIMEOUT, lc.revoke(lease)).await {
+        Ok(Ok(_)) => Revoke::Done,
+        Ok(Err(e)) if lease_not_found(&e) => Revoke::NotFound,
+        Ok(Err(e)) => Revoke::Failed(EtcdFailure::from_etcd("lease revoke", &e, None).to_string()),
+        Err(_) => Revoke::Failed(format!(
+            "etcd did not answer the revoke within {REVOKE_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Revokes the lease (the key goes with it) and returns Ok: stopping is never a failure. The
+/// member in use is asked first; when it fails (it died, or there was none), one other member
+/// that knows a leader, within [`REVOKE_RETRY_WITHIN`]: a key left to its TTL would keep every
+/// node routing to an instance that is going away.
 async fn stop(
     signal: &'static str,
     client: Option<&Client>,
-    st: &State,
+    st: &mut State,
     reg: &Registration,
+    config: &EtcdConfig,
 ) -> Result<(), Failure> {
-    let (Some(client), Some(lease)) = (client, st.lease) else {
+    let Some(lease) = st.lease else {
         tracing::info!(signal, "stopping; nothing was registered");
         return Ok(());
     };
-    let mut lc = client.lease_client();
     let started = Instant::now();
-    match tokio::time::timeout(REVOKE_TIMEOUT, lc.revoke(lease)).await {
-        Ok(Ok(_)) => tracing::info!(
+    let mut result = match client {
+        Some(c) => revoke(c, lease).await,
+        None => Revoke::Failed("not connected to etcd".into()),
+    };
+    if let Revoke::Failed(why) = &result {
+        tracing::info!(key = %reg.key, error = %why, "stopping; revoking through another etcd member");
+        if client.is_some() {
+            st.members.failed(config.endpoints.len());
+        }
+        result = match tokio::time::timeout(REVOKE_RETRY_WITHIN, st.members.connect(config)).await {
+            Ok(Ok(other)) => revoke(&other, lease).await,
+            Ok(Err(f)) => Revoke::Failed(f.to_string()),
+            Err(_) => Revoke::Failed(format!(
+                "no etcd member answered within {REVOKE_RETRY_WITHIN:?}"
+            )),
+        };
+    }
+    match result {
+        Revoke::Done => tracing::info!(
             signal,
             key = %reg.key,
             lease = format!("{lease:x}"),
             took_ms = started.elapsed().as_millis() as u64,
             "stopping; lease revoked and key removed"
         ),
-        Ok(Err(e)) if lease_not_found(&e) => {
+        Revoke::NotFound => {
             tracing::info!(signal, key = %reg.key, "stopping; the lease had already expired")
         }
-        Ok(Err(e)) => tracing::warn!(
+        Revoke::Failed(why) => tracing::warn!(
             signal,
             key = %reg.key,
-            error = %EtcdFailure::from_etcd("lease revoke", &e, None),
+            error = %why,
             ttl = %humantime::format_duration(reg.ttl),
             "stopping; could not revoke the lease: the key expires with it"
-        ),
-        Err(_) => tracing::warn!(
-            signal,
-            key = %reg.key,
-            ttl = %humantime::format_duration(reg.ttl),
-            "stopping; etcd did not answer the revoke within 1s: the key expires with the lease"
         ),
     }
     Ok(())
@@ -210,7 +249,7 @@ async fn session_inner(
     health: &mut Health,
     user: Option<&str>,
 ) -> Result<Never, End> {
-    let deadline = KEEP_ALIVE_TIMEOUT + PING_TIMEOUT;
+    let deadline = lease::CALL_DEADLINE;
     let mut kv = client.kv_client();
     let (mut held, opened) = Held::open(client, &mut st.lease, reg.ttl, deadline, user).await?;
     let lease = held.id();

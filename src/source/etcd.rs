@@ -294,6 +294,34 @@ pub(crate) async fn connect_with(
     Ok((client, revision))
 }
 
+/// Connects to the one member `config.endpoints` names and proves it can serve writes now:
+/// it answers `status()` and knows a leader. A member in an election, or cut off from the
+/// others, is refused here, so a lease holder moves on to the next member at once instead
+/// of waiting out a call that cannot succeed.
+pub(crate) async fn connect_member(
+    config: &EtcdConfig,
+    options: ConnectOptions,
+) -> Result<Client, Failure> {
+    let user = config.username.as_deref();
+    let deadline = dial_timeout(config) + KEEP_ALIVE_TIMEOUT;
+    let mut client =
+        tokio::time::timeout(deadline, Client::connect(&config.endpoints, Some(options)))
+            .await
+            .map_err(|_| Failure::timeout("connect", deadline))?
+            .map_err(|e| Failure::from_etcd("connect", &e, user))?;
+    let status = tokio::time::timeout(deadline, client.status())
+        .await
+        .map_err(|_| Failure::timeout("status", deadline))?
+        .map_err(|e| Failure::from_etcd("status", &e, user))?;
+    if status.leader() == 0 {
+        return Err(Failure::new(
+            Kind::Unavailable,
+            "status: the member knows no leader (an election, or cut off from the cluster)",
+        ));
+    }
+    Ok(client)
+}
+
 /// One key as read: value and the revision that last modified it.
 type RawState = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
