@@ -3,8 +3,11 @@
 //! test starts is ended by its PID when its guard drops.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod elb;
 pub mod etcd;
 pub mod haproxy;
+pub mod service;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
