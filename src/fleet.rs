@@ -26,10 +26,10 @@ use tokio::task::JoinHandle;
 use crate::cli::FleetArgs;
 use crate::commands::{self, ConfigSource, Failure};
 use crate::config::{Config, EtcdConfig, HaproxyMode, SourceKind};
-use crate::lease::{self, Held, Lost, Members, Opened};
+use crate::lease::{self, Held, Lost, Opened};
 use crate::metrics::Metrics;
 use crate::source::etcd::{
-    self as etcd_source, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind,
+    self as etcd_source, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members,
 };
 
 /// The node key's lease: a node that dies leaves the view this long after its last keep-alive
@@ -207,7 +207,7 @@ impl Task {
         let mut client: Option<Client> = None;
         loop {
             let connected = tokio::select! {
-                r = self.members.connect(&self.etcd) => r,
+                r = lease::connect(&mut self.members, &self.etcd) => r,
                 _ = &mut stop => break,
             };
             let c = match connected {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 
 use crate::config::EtcdConfig;
-use crate::source::etcd::{self, Failure as EtcdFailure, Kind};
+use crate::source::etcd::{self, Failure as EtcdFailure, Kind, Members};
 
 /// HTTP/2 keep-alive on a lease holder's connection. Its lease keep-alives may be far apart
 /// (every 100 s with announce's default 5 m TTL), and etcd closes a connection that pings more
@@ -28,47 +28,16 @@ pub(crate) const CALL_DEADLINE: Duration = Duration::from_secs(2);
 /// A keep-alive not answered this long (or one interval, when longer) ends the session.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
-/// The members a lease holder talks to, one at a time. A client over every endpoint spreads
-/// its calls over them, dead members included: with one of three members down, a session of
-/// four calls (status, grant, keep-alive, put) succeeded about one time in five, and announce
-/// took up to 30 s to register after a leader was killed. Talking to one member, and moving
-/// to the next as soon as it fails, makes failover take one election.
-#[derive(Debug, Default)]
-pub(crate) struct Members {
-    /// The index of the member to try first.
-    next: usize,
-}
-
-impl Members {
-    /// Connects with the config's TLS and auth and the lease holder's pings to the first member
-    /// that answers and knows a leader, trying each once from the one after the last failure.
-    pub(crate) async fn connect(&mut self, config: &EtcdConfig) -> Result<Client, EtcdFailure> {
-        let n = config.endpoints.len();
-        let mut last = EtcdFailure::new(Kind::Other, "etcd.endpoints is empty");
-        for i in 0..n {
-            let at = (self.next + i) % n;
-            let mut one = config.clone();
-            one.endpoints = vec![config.endpoints[at].clone()];
-            let options = etcd::connect_options(&one)?.with_keep_alive(PING_INTERVAL, PING_TIMEOUT);
-            match etcd::connect_member(&one, options).await {
-                Ok(client) => {
-                    self.next = at;
-                    return Ok(client);
-                }
-                Err(f) => {
-                    tracing::debug!(endpoint = %config.endpoints[at], error = %f, "etcd member unusable; trying the next");
-                    last = f;
-                }
-            }
-        }
-        self.failed(n);
-        Err(last)
-    }
-
-    /// The member in use failed: the next connect starts at the one after it.
-    pub(crate) fn failed(&mut self, members: usize) {
-        self.next = (self.next + 1) % members.max(1);
-    }
+/// Connects to one member that answers and knows a leader (see [`Members`]), with the
+/// config's TLS and auth and the lease holder's pings.
+pub(crate) async fn connect(
+    members: &mut Members,
+    config: &EtcdConfig,
+) -> Result<Client, EtcdFailure> {
+    let options = |one: &EtcdConfig| {
+        Ok(etcd::connect_options(one)?.with_keep_alive(PING_INTERVAL, PING_TIMEOUT))
+    };
+    members.connect(config, options).await.map(|(c, _)| c)
 }
 
 /// Why a lease is no longer kept.

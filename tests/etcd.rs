@@ -4,6 +4,10 @@
 //!
 //! No timing assertions: waits are bounded, and figures (like how long a frozen etcd takes to
 //! be noticed) are printed, not asserted.
+//!
+//! With a 3-member cluster (issue 11, etcd as a cluster): the watch moves to a live member
+//! when the one it reads from dies as the leader, or freezes, and misses no event; a member
+//! without a leader is never read as an empty registry.
 
 mod common;
 
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::cluster::Cluster;
 use common::etcd::{Etcd, EtcdOptions, TlsFiles};
 use common::{free_port, haconfd_bin, wait_for};
 use nix::sys::signal::{Signal, kill};
@@ -45,6 +50,11 @@ impl Daemon {
     }
 
     fn configure(endpoint: &str, etcd_extra: &str, resync: &str) -> Daemon {
+        Daemon::configure_endpoints(&[endpoint.to_owned()], etcd_extra, resync)
+    }
+
+    /// As [`Daemon::configure`], with several endpoints (a cluster's members).
+    fn configure_endpoints(endpoints: &[String], etcd_extra: &str, resync: &str) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("haconfd-etcd-test-")
             .tempdir()
@@ -61,7 +71,7 @@ prefixes = ["/services/", "/routes/"]
 resync = "{resync}"
 
 [etcd]
-endpoints = ["{endpoint}"]
+endpoints = [{endpoints}]
 dial_timeout = "1s"
 {etcd_extra}
 
@@ -84,6 +94,11 @@ max_drop_percent = 100
 [admin]
 listen = "127.0.0.1:{admin}"
 "#,
+            endpoints = endpoints
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             src = src.display(),
             dest = dir.path().join("out/servers.cfg").display(),
             admin = free_port(),
@@ -628,4 +643,103 @@ fn render_print_reads_etcd_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("etcd"), "{err}");
     assert!(out.stdout.is_empty());
+}
+
+/// Puts `key` through any member, retrying (bounded) while the cluster has no leader.
+fn put_when_writable(cluster: &Cluster, key: &str, value: &str) {
+    wait_for(CONVERGE, &format!("etcd to take a put of {key}"), || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cluster.put(key, value))).ok()
+    });
+}
+
+/// The lines the test template renders for what the cluster holds under /services/.
+fn cluster_expected(cluster: &Cluster) -> BTreeSet<String> {
+    lines_for(&cluster.get_prefix("/services/"))
+}
+
+/// A daemon over every member of `cluster`, converged on its registry.
+fn cluster_daemon(cluster: &Cluster) -> Daemon {
+    for i in 0..3 {
+        cluster.put(&format!("/services/web/i{i}"), &addr(i));
+    }
+    let d = Daemon::configure_endpoints(&cluster.endpoints(), "", "5m").spawn();
+    d.converge(&cluster_expected(cluster), "first read");
+    d.wait_log("etcd watch running", CONVERGE);
+    d
+}
+
+#[test]
+fn the_watch_moves_on_when_its_member_dies_as_the_leader() {
+    let mut cluster = Cluster::start();
+    // haconfd reads from the first member it can use: make it the leader, then kill it.
+    cluster.move_leader(0);
+    let d = cluster_daemon(&cluster);
+    let killed = Instant::now();
+    cluster.kill(0);
+    // Changes made right after the death, through the new leader: none may be missed.
+    for i in 0..5 {
+        put_when_writable(&cluster, &format!("/services/web/after{i}"), &addr(10 + i));
+    }
+    cluster.delete("/services/web/i0");
+    d.converge(
+        &cluster_expected(&cluster),
+        "changes after the leader's death",
+    );
+    println!(
+        "leader (the watched member) killed -> every later change in dest: {} ms",
+        killed.elapsed().as_millis()
+    );
+    let log = d.log();
+    assert!(log.contains("etcd watch failed; reconnecting"), "{log}");
+    cluster.restart(0);
+    put_when_writable(&cluster, "/services/web/back", &addr(30));
+    d.converge(&cluster_expected(&cluster), "after the member came back");
+}
+
+#[test]
+fn the_watch_leaves_a_frozen_member_for_a_live_one() {
+    let cluster = Cluster::start();
+    // The watched member (the first) freezes while another leads, so writes go on.
+    cluster.move_leader(1);
+    let d = cluster_daemon(&cluster);
+    let frozen = Instant::now();
+    cluster.freeze(0);
+    put_when_writable(&cluster, "/services/web/during", &addr(20));
+    d.converge(
+        &cluster_expected(&cluster),
+        "a change while the member is frozen",
+    );
+    println!(
+        "watched member frozen -> a change in dest: {} ms",
+        frozen.elapsed().as_millis()
+    );
+    cluster.thaw(0);
+}
+
+#[test]
+fn a_member_without_a_leader_is_never_read_as_an_empty_registry() {
+    let cluster = Cluster::start();
+    cluster.move_leader(1);
+    for i in 0..3 {
+        cluster.put(&format!("/services/web/i{i}"), &addr(i));
+    }
+    // Member 0 alone: the other two frozen, it loses its leader after an election timeout.
+    cluster.freeze(1);
+    cluster.freeze(2);
+    let only = vec![cluster.endpoints()[0].clone()];
+    let d = Daemon::configure_endpoints(&only, "", "5m").spawn();
+    d.wait_log("no leader", CONVERGE);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !d.dest().exists(),
+        "dest written from a member without a leader:\n{}",
+        d.log()
+    );
+    cluster.thaw(1);
+    cluster.thaw(2);
+    d.converge(
+        &cluster_expected(&cluster),
+        "once the member has a leader again",
+    );
+    assert_eq!(d.lines().map(|l| l.len()), Some(3));
 }

@@ -14,8 +14,8 @@ use super::check::Health;
 use super::{Registration, Shutdown};
 use crate::commands::Failure;
 use crate::config::EtcdConfig;
-use crate::lease::{self, Held, Lost, Members, Opened, not_found as lease_not_found};
-use crate::source::etcd::{BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind};
+use crate::lease::{self, Held, Lost, Opened, not_found as lease_not_found};
+use crate::source::etcd::{BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members};
 
 /// The revoke on stop: the contract is "gone within a second".
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,7 +62,7 @@ pub(super) async fn run(
     let mut client: Option<Client> = None;
     loop {
         let connected = tokio::select! {
-            r = st.members.connect(&config) => r,
+            r = lease::connect(&mut st.members, &config) => r,
             s = shutdown.wait() => return stop(s, client.as_ref(), &mut st, &reg, &config).await,
         };
         let c = match connected {
@@ -174,7 +174,12 @@ async fn stop(
         if client.is_some() {
             st.members.failed(config.endpoints.len());
         }
-        result = match tokio::time::timeout(REVOKE_RETRY_WITHIN, st.members.connect(config)).await {
+        result = match tokio::time::timeout(
+            REVOKE_RETRY_WITHIN,
+            lease::connect(&mut st.members, config),
+        )
+        .await
+        {
             Ok(Ok(other)) => revoke(&other, lease).await,
             Ok(Err(f)) => Revoke::Failed(f.to_string()),
             Err(_) => Revoke::Failed(format!(

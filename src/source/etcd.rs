@@ -267,59 +267,105 @@ pub(crate) fn dial_timeout(config: &EtcdConfig) -> Duration {
     config.dial_timeout.max(MIN_DIAL_TIMEOUT)
 }
 
-/// Connects and proves the connection with `status()`. Returns the client and etcd's current
-/// revision.
-async fn connect(config: &EtcdConfig) -> Result<(Client, i64), Failure> {
-    connect_with(config, connect_options(config)?).await
+/// Connects with `options` and proves the connection with `status()`: `Client::connect`
+/// succeeds when nothing listens, the first real call fails. With credentials, connect
+/// authenticates, a call that can hang: both are bounded.
+async fn connect_status(
+    config: &EtcdConfig,
+    options: ConnectOptions,
+) -> Result<(Client, etcd_client::StatusResponse), Failure> {
+    let user = config.username.as_deref();
+    let deadline = dial_timeout(config) + KEEP_ALIVE_TIMEOUT;
+    let mut client =
+        tokio::time::timeout(deadline, Client::connect(&config.endpoints, Some(options)))
+            .await
+            .map_err(|_| Failure::timeout("connect", deadline))?
+            .map_err(|e| Failure::from_etcd("connect", &e, user))?;
+    let status = tokio::time::timeout(deadline, client.status())
+        .await
+        .map_err(|_| Failure::timeout("status", deadline))?
+        .map_err(|e| Failure::from_etcd("status", &e, user))?;
+    Ok((client, status))
 }
 
-/// [`connect`] with options built by the caller from [`connect_options`].
+/// Connects to every endpoint at once with options built by the caller from
+/// [`connect_options`], for one-off calls (`version`, `fleet`). Returns the client and etcd's
+/// current revision.
 pub(crate) async fn connect_with(
     config: &EtcdConfig,
     options: ConnectOptions,
 ) -> Result<(Client, i64), Failure> {
-    let user = config.username.as_deref();
-    // With credentials, connect authenticates: that is a call that can hang.
-    let deadline = dial_timeout(config) + KEEP_ALIVE_TIMEOUT;
-    let mut client =
-        tokio::time::timeout(deadline, Client::connect(&config.endpoints, Some(options)))
-            .await
-            .map_err(|_| Failure::timeout("connect", deadline))?
-            .map_err(|e| Failure::from_etcd("connect", &e, user))?;
-    let status = tokio::time::timeout(deadline, client.status())
-        .await
-        .map_err(|_| Failure::timeout("status", deadline))?
-        .map_err(|e| Failure::from_etcd("status", &e, user))?;
-    let revision = status.header().map(|h| h.revision()).unwrap_or(0);
-    Ok((client, revision))
+    let (client, status) = connect_status(config, options).await?;
+    Ok((client, status.header().map(|h| h.revision()).unwrap_or(0)))
 }
 
-/// Connects to the one member `config.endpoints` names and proves it can serve writes now:
-/// it answers `status()` and knows a leader. A member in an election, or cut off from the
-/// others, is refused here, so a lease holder moves on to the next member at once instead
-/// of waiting out a call that cannot succeed.
-pub(crate) async fn connect_member(
+/// Connects to the one member `config.endpoints` names and proves it can serve now: it
+/// answers `status()` and knows a leader. A member in an election, or cut off from the others,
+/// is refused here, so the caller moves on to the next member at once instead of waiting out
+/// calls that cannot succeed (or, with `require_leader`, a watch that is canceled). Returns the
+/// client and etcd's current revision.
+async fn connect_member(
     config: &EtcdConfig,
     options: ConnectOptions,
-) -> Result<Client, Failure> {
-    let user = config.username.as_deref();
-    let deadline = dial_timeout(config) + KEEP_ALIVE_TIMEOUT;
-    let mut client =
-        tokio::time::timeout(deadline, Client::connect(&config.endpoints, Some(options)))
-            .await
-            .map_err(|_| Failure::timeout("connect", deadline))?
-            .map_err(|e| Failure::from_etcd("connect", &e, user))?;
-    let status = tokio::time::timeout(deadline, client.status())
-        .await
-        .map_err(|_| Failure::timeout("status", deadline))?
-        .map_err(|e| Failure::from_etcd("status", &e, user))?;
+) -> Result<(Client, i64), Failure> {
+    let (client, status) = connect_status(config, options).await?;
     if status.leader() == 0 {
         return Err(Failure::new(
             Kind::Unavailable,
             "status: the member knows no leader (an election, or cut off from the cluster)",
         ));
     }
-    Ok(client)
+    Ok((client, status.header().map(|h| h.revision()).unwrap_or(0)))
+}
+
+/// The members of `[etcd] endpoints`, talked to one at a time. A client over every endpoint
+/// spreads its calls and streams over them, dead and frozen members included: with one of
+/// three members down, a lease holder's session of four calls succeeded about one time in
+/// five, and a watch could be re-created on the frozen member again and again. Talking to one
+/// member, and moving to the next as soon as it fails, makes failover take about one election.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    /// The index of the member to try first.
+    next: usize,
+}
+
+impl Members {
+    /// Connects to the first member that answers and knows a leader, trying each once, from
+    /// the one after the last failure; `options` makes each member's connect options (TLS,
+    /// auth, keep-alive). Returns the client and etcd's current revision.
+    pub(crate) async fn connect(
+        &mut self,
+        config: &EtcdConfig,
+        options: impl Fn(&EtcdConfig) -> Result<ConnectOptions, Failure>,
+    ) -> Result<(Client, i64), Failure> {
+        let n = config.endpoints.len();
+        let mut last = Failure::new(Kind::Other, "etcd.endpoints is empty");
+        for i in 0..n {
+            let at = (self.next + i) % n;
+            let mut one = config.clone();
+            one.endpoints = vec![config.endpoints[at].clone()];
+            match connect_member(&one, options(&one)?).await {
+                Ok(connected) => {
+                    self.next = at;
+                    return Ok(connected);
+                }
+                Err(f) => {
+                    // With one endpoint the caller's own log line says it all.
+                    if n > 1 {
+                        tracing::debug!(endpoint = %config.endpoints[at], error = %f, "etcd member unusable; trying the next");
+                    }
+                    last = f;
+                }
+            }
+        }
+        self.failed(n);
+        Err(last)
+    }
+
+    /// The member in use failed: the next connect starts at the one after it.
+    pub(crate) fn failed(&mut self, members: usize) {
+        self.next = (self.next + 1) % members.max(1);
+    }
 }
 
 /// One key as read: value and the revision that last modified it.
@@ -436,7 +482,8 @@ pub async fn read_once(
     config: &EtcdConfig,
     prefixes: &[String],
 ) -> Result<(i64, Vec<(Vec<u8>, Vec<u8>)>), SourceError> {
-    let (client, _) = connect(config)
+    let (client, _) = Members::default()
+        .connect(config, connect_options)
         .await
         .map_err(|f| SourceError::Etcd(format!("{} ({})", f, config.endpoints.join(", "))))?;
     let (revision, state) = read_all(&client, prefixes, config.username.as_deref())
@@ -480,6 +527,7 @@ pub fn spawn_watch(
         failures: 0,
         watch_announced: false,
         metrics,
+        members: Members::default(),
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -532,6 +580,8 @@ struct Watcher {
     watch_announced: bool,
     /// Connection state for `/readyz` and `haconfd_source_connected`.
     metrics: Arc<Metrics>,
+    /// Which member the reads and the watch go to.
+    members: Members,
 }
 
 impl Watcher {
@@ -546,7 +596,7 @@ impl Watcher {
         loop {
             let c = match client.take() {
                 Some(c) => c,
-                None => match connect(&self.config).await {
+                None => match self.members.connect(&self.config, connect_options).await {
                     Ok((c, current)) if self.have_state && current < self.revision => {
                         // Revisions never go back, unless etcd was restored from a backup: a
                         // watch resumed at our revision would miss every change until etcd's
@@ -584,6 +634,8 @@ impl Watcher {
                         next_resync = Instant::now() + self.resync;
                     }
                     Err(f) => {
+                        // The member in use failed: the next connect starts at another one.
+                        self.members.failed(self.config.endpoints.len());
                         self.failed(f, "full read of etcd failed").await;
                         continue;
                     }
@@ -609,6 +661,7 @@ impl Watcher {
                     if started.elapsed() >= HEALTHY_AFTER {
                         self.backoff.reset();
                     }
+                    self.members.failed(self.config.endpoints.len());
                     self.failed(f, "etcd watch failed; reconnecting").await;
                 }
             }

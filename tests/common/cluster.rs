@@ -205,6 +205,52 @@ impl Cluster {
         self.wait_healthy(i);
     }
 
+    /// SIGSTOP member `i`: it keeps its sockets open and answers nothing, like a hung host.
+    pub fn freeze(&self, i: usize) {
+        if let Some(pid) = self.members[i].pid() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT member `i` after [`Cluster::freeze`].
+    pub fn thaw(&self, i: usize) {
+        if let Some(pid) = self.members[i].pid() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+        }
+    }
+
+    /// Makes member `to` the leader (etcd's move-leader, asked of the current leader) and
+    /// waits until every running member agrees.
+    pub fn move_leader(&self, to: usize) {
+        let leader = self.wait_leader(START_TIMEOUT);
+        if leader == to {
+            return;
+        }
+        let (target, current) = (self.members[to].endpoint(), self.members[leader].endpoint());
+        let moved = self.rt.block_on(async {
+            tokio::time::timeout(START_TIMEOUT, async {
+                let mut t = Client::connect([target.as_str()], Some(Self::options())).await?;
+                let id = t
+                    .status()
+                    .await?
+                    .header()
+                    .map(|h| h.member_id())
+                    .unwrap_or(0);
+                let mut l = Client::connect([current.as_str()], Some(Self::options())).await?;
+                l.move_leader(id).await?;
+                Ok::<_, etcd_client::Error>(())
+            })
+            .await
+        });
+        assert!(
+            matches!(moved, Ok(Ok(()))),
+            "move-leader to {to}: {moved:?}"
+        );
+        super::wait_for(START_TIMEOUT, "the moved leader", || {
+            (self.leader() == Some(to)).then_some(())
+        });
+    }
+
     fn options() -> ConnectOptions {
         ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
