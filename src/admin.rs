@@ -67,11 +67,12 @@ pub fn route(method: &str, path: &str, metrics: &Metrics) -> (&'static str, &'st
         ),
         "/healthz" => ("200 OK", TEXT, "ok\n".into()),
         "/readyz" => {
-            // A disconnection not yet stale and what is held back follow the verdict, one line
-            // each.
+            // A disconnection not yet stale, an install failing on the disk not yet for long, and
+            // what is held back follow the verdict, one line each.
             let detail: String = metrics
                 .source_detail()
                 .into_iter()
+                .chain(metrics.install_detail())
                 .chain(metrics.held_detail())
                 .map(|l| format!("{l}\n"))
                 .collect();

@@ -14,13 +14,16 @@ use crate::config::Config;
 use crate::guard::Guard;
 use crate::haproxy::install::{self, Check, InstallError, Outcome};
 use crate::haproxy::validate::ValidateError;
-use crate::haproxy::{ApplyKind, Controller, ReloadError, StateSave, runtime};
+use crate::haproxy::{
+    ApplyKind, Controller, MasterSeen, Realigned, ReloadError, StateSave, runtime,
+};
 use crate::isolate;
 use crate::metrics::Metrics;
 use crate::model::{ParseCache, Registry, Rejection};
 use crate::render::{RenderError, Rendered, Templates};
 use crate::slots::Slots;
 use crate::source::Update;
+use crate::source::etcd::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -53,6 +56,10 @@ pub struct Report {
 
 /// How long one Runtime API exchange may take.
 const RUNTIME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first retry of an install that failed on the disk; the backoff doubles from here to its
+/// cap (10 s), with jitter so that a fleet whose disks heal together does not retry in step.
+const INSTALL_RETRY_MIN: Duration = Duration::from_secs(1);
 
 /// Logs rejected keys, by key only, and counts them.
 pub fn report_rejections(rejected: &[Rejection], metrics: &Metrics) {
@@ -147,11 +154,15 @@ pub struct Applier {
     last: Option<Registry>,
     /// When a guard hold expires, if one is active.
     pub release_at: Option<Instant>,
+    /// When to apply the latest state again after an install that failed on the disk.
+    retry_at: Option<Instant>,
+    retry: Backoff,
 }
 
 impl Applier {
     pub fn new(config: Config, templates: Templates, metrics: Arc<Metrics>) -> Applier {
-        let controller = Controller::new(&config);
+        let mut controller = Controller::new(&config);
+        controller.count_restarts(&metrics.haproxy_restarts);
         let mut guard = Guard::new(config.guard);
         let remembered = guard_file(&config).and_then(|p| read_counts(&p));
         if let Some(counts) = remembered.clone() {
@@ -170,6 +181,8 @@ impl Applier {
             metrics,
             last: None,
             release_at: None,
+            retry_at: None,
+            retry: Backoff::new(),
         }
     }
 
@@ -181,8 +194,56 @@ impl Applier {
         }
     }
 
-    /// Renders, installs and reloads. On error the files on disk are those of before.
+    /// When the applier wants to apply again although nothing changed: a guard hold that
+    /// expires, or the retry of an install that failed on the disk.
+    pub fn wakeup(&self) -> Option<Instant> {
+        match (self.release_at, self.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Renders, installs and reloads. On error the files on disk are those of before. An
+    /// install that failed on the disk (full, read-only) is retried with backoff through
+    /// [`Applier::wakeup`], so the state lands once the disk is usable again without a new
+    /// change; the retries stop at the first apply that does not fail on the disk.
     pub async fn apply(&mut self, update: &Update) -> Result<Report, ApplyError> {
+        let result = self.apply_once(update).await;
+        let failed_on_disk = match &result {
+            Err(ApplyError::Install { template, source }) => source
+                .disk_reason()
+                .zip(source.disk_problem())
+                .map(|(reason, problem)| (template, reason, problem)),
+            _ => None,
+        };
+        match failed_on_disk {
+            Some((template, reason, problem)) => {
+                let dest = self
+                    .config
+                    .templates
+                    .iter()
+                    .find(|t| &t.name == template)
+                    .map_or_else(|| template.clone(), |t| t.dest.display().to_string());
+                self.metrics
+                    .install_failed(reason, format!("cannot install {dest}: {problem}"));
+                let delay = self.retry.next(INSTALL_RETRY_MIN);
+                self.retry_at = Some(Instant::now() + delay);
+                tracing::warn!(file = %dest, problem = %problem, retry_in = ?delay, "install failed on the disk; trying the same state again");
+            }
+            None => {
+                // Success, or a failure a retry of the same state would only repeat (a template
+                // error, `haproxy -c`): the next change, SIGHUP or SIGUSR1 applies again.
+                if self.retry_at.take().is_some() && result.is_ok() {
+                    tracing::info!("installed again after failures on the disk");
+                }
+                self.retry.reset();
+                self.metrics.install_ok();
+            }
+        }
+        result
+    }
+
+    async fn apply_once(&mut self, update: &Update) -> Result<Report, ApplyError> {
         let started = Instant::now();
         let (wanted, rejected) = parse(update, Some(&mut self.parse_cache));
         self.report_new_rejections(rejected);
@@ -292,7 +353,13 @@ impl Applier {
             ApplyKind::None
         } else if let Some(cmds) = runtime_cmds.as_ref().filter(|_| !installed.is_empty()) {
             match runtime::apply(&self.config.haproxy.runtime_socket, cmds, RUNTIME_TIMEOUT).await {
-                Ok(()) => ApplyKind::Runtime,
+                Ok(()) => {
+                    // The server state saved before the last reload now holds values these
+                    // commands replaced: an HAProxy that loaded it later (restarted by its own
+                    // supervisor, reloaded by someone else) would restore them over the file's.
+                    let _ = std::fs::remove_file(&self.config.haproxy.state_file);
+                    ApplyKind::Runtime
+                }
                 Err(e) => {
                     // The new file is installed and proven: a reload makes HAProxy match it.
                     self.metrics.runtime_failures.inc();
@@ -491,14 +558,15 @@ impl Applier {
             check.user.as_deref(),
         )
         .await;
-        let _ = std::fs::remove_file(&copy);
+        install::discard(&copy);
+        let state = self.state_save();
         match verdict {
-            Ok(_) => match self.controller.start_installed().await {
-                Ok(true) => {
+            Ok(_) => match self.controller.start_installed(Some(&state)).await {
+                Ok(Some(how)) => {
                     self.proven = self.haproxy_file_id();
-                    tracing::info!(file = %t.dest.display(), "HAProxy started on the installed config while the source is read");
+                    tracing::info!(file = %t.dest.display(), "HAProxy {how} on the installed config while the source is read");
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start HAProxy on the installed config; waiting for the source")
                 }
@@ -507,6 +575,80 @@ impl Applier {
                 tracing::warn!(error = %e, "the installed config does not pass haproxy -c; waiting for the source")
             }
         }
+    }
+
+    /// Where a reload saves the server state first, filtered by the installed HAProxy file.
+    fn state_save(&self) -> StateSave {
+        StateSave {
+            runtime_socket: self.config.haproxy.runtime_socket.clone(),
+            state_file: self.config.haproxy.state_file.clone(),
+            config: self.config.haproxy_template().map(|t| t.dest.clone()),
+        }
+    }
+
+    /// When the applier wants to look at HAProxy next (`master` mode: a restart under its own
+    /// supervisor is noticed without a registry change).
+    pub fn haproxy_look_at(&self) -> Option<Instant> {
+        self.controller.next_look()
+    }
+
+    /// In `master` mode, when a look is due: an HAProxy that its own supervisor restarted (a new
+    /// master PID) is counted and logged, and the servers it holds are brought back in line with
+    /// the installed file, through the Runtime API or else one reload. It loaded that file and
+    /// then the server state file of haconfd's last reload, which may restore older addresses
+    /// and states. The first master this process sees is checked the same way, quietly: its
+    /// history is unknown. True when HAProxy was found restarted.
+    pub async fn watch_haproxy(&mut self) -> bool {
+        let Some(seen) = self.controller.look_at_master().await else {
+            return false;
+        };
+        let restarted = matches!(seen, MasterSeen::Restarted { .. });
+        if let MasterSeen::Restarted { from, to } = seen {
+            self.metrics.haproxy_restarts.inc();
+            tracing::warn!(
+                from,
+                to,
+                "HAProxy was restarted by its own supervisor (new master PID); checking its servers against the installed config"
+            );
+        }
+        let Some(dest) = self
+            .config
+            .haproxy_template()
+            .map(|t| t.dest.clone())
+            .filter(|d| d.exists())
+        else {
+            return restarted;
+        };
+        let socket = &self.config.haproxy.runtime_socket;
+        let why = if self.config.haproxy.runtime_updates {
+            match crate::haproxy::realign(socket, &dest, RUNTIME_TIMEOUT).await {
+                Ok(Realigned::InLine) => {
+                    tracing::info!("HAProxy's servers match the installed config");
+                    return restarted;
+                }
+                Ok(Realigned::Runtime(n)) => {
+                    tracing::warn!(
+                        commands = n,
+                        "HAProxy's servers differed from the installed config; set through the Runtime API"
+                    );
+                    return restarted;
+                }
+                Err(why) => why,
+            }
+        } else if restarted {
+            "the Runtime API is off ([haproxy] runtime_updates)".to_owned()
+        } else {
+            return false;
+        };
+        tracing::warn!(reason = %why, "cannot compare or set HAProxy's servers through the Runtime API; reloading it on the installed config");
+        match self.controller.reload(Some(&self.state_save())).await {
+            Ok(_) => tracing::info!("HAProxy reloaded on the installed config"),
+            Err(e) => {
+                self.metrics.reload_failures.inc();
+                tracing::error!(error = %e, "cannot reload HAProxy on the installed config");
+            }
+        }
+        restarted
     }
 
     /// Identifies the installed HAProxy file (device, inode, size, mtime), so that a later
@@ -524,12 +666,7 @@ impl Applier {
         rendered: &[Rendered],
         installed: &[(usize, Option<Vec<u8>>)],
     ) -> Result<ApplyKind, ApplyError> {
-        let state = StateSave {
-            runtime_socket: self.config.haproxy.runtime_socket.clone(),
-            state_file: self.config.haproxy.state_file.clone(),
-            config: self.config.haproxy_template().map(|t| t.dest.clone()),
-        };
-        match self.controller.reload(Some(&state)).await {
+        match self.controller.reload(Some(&self.state_save())).await {
             Ok(kind) => Ok(kind),
             Err(e) => {
                 self.metrics.reload_failures.inc();
@@ -578,7 +715,7 @@ impl Applier {
         match written {
             Ok(()) => self.written_counts = Some(counts),
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                install::discard(&tmp);
                 tracing::warn!(file = %path.display(), error = %e, "cannot remember instance counts for the guard");
             }
         }

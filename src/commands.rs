@@ -220,19 +220,20 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
             config.haproxy.check_user.as_deref(),
         )
         .await;
+        // The verdicts go to stderr in order with the log, and a closed stderr never panics.
         match verdict {
-            Ok(_) => eprintln!("{}: valid", r.template.name),
+            Ok(_) => crate::logging::line(&format!("{}: valid", r.template.name)),
             Err(e) => {
-                eprintln!("{}: {e}", r.template.name);
+                crate::logging::line(&format!("{}: {e}", r.template.name));
                 failed += 1;
             }
         }
     }
     if metrics.rejected() > 0 {
-        eprintln!(
+        crate::logging::line(&format!(
             "{} key(s) left out; see the warnings above",
             metrics.rejected()
-        );
+        ));
     }
     if failed > 0 {
         return Err(Failure::Runtime(anyhow::anyhow!(
@@ -242,21 +243,21 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
     Ok(())
 }
 
-/// `version`.
+/// `version`. A closed stdout is a failure (exit 1), never a panic.
 pub async fn version(cs: &ConfigSource) -> Result<(), Failure> {
-    println!(
-        "haconfd {} (commit {})",
-        env!("CARGO_PKG_VERSION"),
-        env!("HACONFD_GIT_COMMIT")
-    );
     let config = cs.load();
     let binary = config
         .as_ref()
         .map(|c| c.haproxy.binary.clone())
         .unwrap_or_else(|_| "haproxy".into());
-    println!("haproxy: {}", crate::haproxy::version(&binary).await);
-    println!("etcd: {}", etcd_version(&config).await);
-    Ok(())
+    let text = format!(
+        "haconfd {} (commit {})\nhaproxy: {}\netcd: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("HACONFD_GIT_COMMIT"),
+        crate::haproxy::version(&binary).await,
+        etcd_version(&config).await
+    );
+    write_stdout(text.as_bytes())
 }
 
 /// How long `version` waits for etcd: it reports, it does not wait out an outage.
@@ -344,10 +345,15 @@ struct Daemon {
     notifier: Arc<Notifier>,
     /// `[frontend] lame_duck` in ms (0: none), shared with the signal task; SIGHUP updates it.
     lame_duck_wait: Arc<AtomicU64>,
+    /// The update the last apply ran on: a wakeup that only looks at HAProxy renders nothing.
+    last_update: Option<Arc<Update>>,
 }
 
 impl Apply for Daemon {
     async fn apply(&mut self, update: Option<Arc<Update>>, work: Work) {
+        // `master` mode: an HAProxy that its own supervisor restarted is brought back in line
+        // with the installed file first, and the latest state is then applied again.
+        let restarted = self.applier.watch_haproxy().await;
         if work.reconfigure {
             self.applier.reconfigure(self.config_path.as_deref());
             self.applier
@@ -361,6 +367,27 @@ impl Apply for Daemon {
         }
         // Nothing is written before the source's first successful read.
         let Some(update) = update else { return };
+        // Test-only fault injection, absent from release builds: `tests/survive_logs.rs` makes
+        // a real `haconfd run` panic inside its apply task to prove that the process then exits
+        // with `logging::PANIC_EXIT_CODE` instead of running on without its applier.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("HACONFD_FAULT").is_some_and(|f| f == "panic-in-apply") {
+            panic!("HACONFD_FAULT=panic-in-apply: the fault the tests inject");
+        }
+        // A wakeup for the look at HAProxy alone: this state was applied last, and neither a
+        // guard hold nor a retry is due.
+        let due = self
+            .applier
+            .wakeup()
+            .is_some_and(|t| t <= tokio::time::Instant::now());
+        let same = self
+            .last_update
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, &update));
+        if same && !restarted && !due && work == Work::default() {
+            return;
+        }
+        self.last_update = Some(Arc::clone(&update));
         let span = tracing::info_span!(
             "apply",
             etcd.revision = update.snapshot.revision,
@@ -417,7 +444,10 @@ impl Apply for Daemon {
     }
 
     fn wakeup(&self) -> Option<tokio::time::Instant> {
-        self.applier.release_at
+        match (self.applier.wakeup(), self.applier.haproxy_look_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -506,6 +536,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
         config_path: cs.path().map(Path::to_path_buf),
         notifier: Arc::clone(&notifier),
         lame_duck_wait,
+        last_update: None,
     };
     reactor::run(daemon, rx, wait).await;
     if let Some(fleet) = fleet {

@@ -16,6 +16,7 @@
 //! - `lease`    — an etcd lease kept alive by a long-running client (announce, fleet)
 //! - `commands` — the subcommands, with exit codes
 //! - `metrics`  — Prometheus metrics and readiness state
+//! - `logging`  — log output that never blocks or kills the daemon; the panic rule (exit 70)
 //! - `admin`    — the admin endpoint: /metrics, /healthz, /readyz
 //! - `notify`   — systemd's notify protocol: READY=1, WATCHDOG=1, STOPPING=1
 
@@ -30,6 +31,7 @@ pub mod guard;
 pub mod haproxy;
 pub mod isolate;
 pub mod lease;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -6,24 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use haconfd::cli::{Cli, Command, LogFormat};
 use haconfd::commands::{self, ConfigSource, Failure};
-use tracing_subscriber::EnvFilter;
-
-fn init_logging(format: LogFormat, level: &str) -> Result<(), Failure> {
-    let filter = EnvFilter::try_new(level)
-        .map_err(|e| Failure::Usage(format!("--log-level {level:?}: {e}")))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
+use haconfd::logging::{self, Mode};
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
-    init_logging(cli.log_format, &cli.log_level)?;
+    let json = cli.log_format == LogFormat::Json;
+    logging::init_tracing(json, std::io::stderr().is_terminal(), &cli.log_level)
+        .map_err(Failure::Usage)?;
     let cs = ConfigSource::resolve(cli.config);
     let reads_config = !matches!(
         cli.command,
@@ -63,34 +51,33 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // The daemons log through a bounded, lossy queue of their own: the one thread that runs
+    // them must never wait for stderr's reader, nor die with it. One-shot commands write
+    // directly and lose nothing. Both ignore write errors; a panic anywhere exits 70.
+    let mode = match cli.command {
+        Command::Run | Command::Announce(_) => Mode::Lossy,
+        _ => Mode::Direct,
+    };
+    logging::start(mode, cli.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("haconfd: cannot start the async runtime: {e}");
+            logging::last_words(&format!("haconfd: cannot start the async runtime: {e}"), 1);
             return ExitCode::from(1);
         }
     };
-    let json = cli.log_format == LogFormat::Json;
-    match runtime.block_on(dispatch(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(dispatch(cli)) {
+        Ok(()) => 0,
         Err(e) => {
-            // With JSON logs every stderr line is JSON, the last words included: log shippers
-            // parse lines, and a plain one would be lost or mangled.
-            if json {
-                let line = serde_json::json!({
-                    "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                    "level": "ERROR",
-                    "message": format!("haconfd: {e}"),
-                    "exit_code": e.exit_code(),
-                });
-                eprintln!("{line}");
-            } else {
-                eprintln!("haconfd: {e}");
-            }
-            ExitCode::from(e.exit_code() as u8)
+            // With JSON logs the last words are JSON too: log shippers parse every line.
+            logging::last_words(&format!("haconfd: {e}"), e.exit_code());
+            e.exit_code()
         }
-    }
+    };
+    // The last lines reach stderr, unless its reader stopped reading: then exit regardless.
+    logging::flush(logging::FLUSH_BOUND);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub reload_failures: Counter,
     pub runtime_failures: Counter,
     pub guard_holds: Counter,
+    /// HAProxy masters that died and were started again (supervise), or that their own
+    /// supervisor restarted (master mode, as haconfd noticed).
+    pub haproxy_restarts: Counter,
     pub render_seconds: Histogram,
     pub validate_seconds: Histogram,
     pub reload_seconds: Histogram,
@@ -67,6 +70,8 @@ pub struct Metrics {
     last_apply: Mutex<Option<LastApply>>,
     /// Wakes the fleet publisher (`src/fleet.rs`) when what it publishes may have changed.
     fleet_poke: tokio::sync::Notify,
+    /// Installs that fail on the disk, for `/readyz` and two metrics.
+    install: InstallStatus,
     registry: Registry,
 }
 
@@ -79,6 +84,7 @@ impl Default for Metrics {
             reload_failures: Counter::default(),
             runtime_failures: Counter::default(),
             guard_holds: Counter::default(),
+            haproxy_restarts: Counter::default(),
             render_seconds: Histogram::new(buckets()),
             validate_seconds: Histogram::new(buckets()),
             reload_seconds: Histogram::new(buckets()),
@@ -102,6 +108,7 @@ impl Default for Metrics {
             held_detail: Mutex::new((Vec::new(), Vec::new())),
             last_apply: Mutex::new(None),
             fleet_poke: tokio::sync::Notify::new(),
+            install: InstallStatus::default(),
             registry: Registry::with_prefix("haconfd"),
         };
         m.register()
@@ -140,6 +147,11 @@ impl Metrics {
             "guard_holds",
             "Applies in which the shrink guard held at least one service",
             self.guard_holds.clone(),
+        );
+        r.register(
+            "haproxy_restarts",
+            "HAProxy masters that died (killed, or their worker killed) and were started again on the installed config (supervise), or that their own supervisor restarted (master mode)",
+            self.haproxy_restarts.clone(),
         );
         r.register(
             "render_seconds",
@@ -201,6 +213,12 @@ impl Metrics {
             "Unix time of the last successful apply",
             self.last_apply_timestamp.clone(),
         );
+        r.register(
+            "log_dropped",
+            "Log lines dropped because stderr was full or refused them",
+            crate::logging::DroppedLines,
+        );
+        self.install.register(r);
         self
     }
 
@@ -370,6 +388,13 @@ impl Metrics {
                 limit.as_secs()
             ));
         }
+        if let Some((what, age)) = self.install_problem().filter(|(_, age)| *age > limit) {
+            return Err(format!(
+                "{what} (failing for {}s, past stale_after {}s; HAProxy serves the last good config)",
+                age.as_secs(),
+                limit.as_secs()
+            ));
+        }
         Ok(())
     }
 
@@ -442,6 +467,92 @@ pub struct LastApply {
     pub haproxy_running: bool,
 }
 
+// Installs that fail on the disk (issue 11, "Disk").
+//
+// A node whose installs fail has stopped following the registry exactly as a node whose source
+// went silent has: HAProxy serves the last good config, which ages. It gets the same budget,
+// `stale_after`: a disk filled for a moment (a log burst, a remount) leaves the node in rotation
+// with a detail line on `/readyz`, and one that stays full or read-only turns it not ready, so
+// that the fleet's load balancer sends traffic to the nodes that follow the registry. The gauge
+// is what an alert watches; the counter says how often, and why.
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Installs that fail on the disk: a gauge while they do, a counter by reason, and the problem
+/// with the start of the streak.
+#[derive(Debug, Default)]
+struct InstallStatus {
+    failing: Gauge,
+    failures: Family<ReasonLabel, Counter>,
+    /// "cannot install <dest>: disk full", and when installs began to fail.
+    problem: Mutex<Option<(String, Instant)>>,
+}
+
+impl InstallStatus {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "install_failing",
+            "1 while the latest install failed on the disk (full, read-only) and is being retried",
+            self.failing.clone(),
+        );
+        r.register(
+            "install_failures",
+            "Installs that failed on the disk, by reason: disk_full, read_only, quota_exceeded, io",
+            self.failures.clone(),
+        );
+    }
+}
+
+impl Metrics {
+    /// An install failed on the disk. `problem` names the file and says why ("cannot install
+    /// /etc/haproxy/haproxy.cfg: disk full"); the streak keeps the time of its first failure.
+    pub fn install_failed(&self, reason: &'static str, problem: String) {
+        self.install.failing.set(1);
+        self.install
+            .failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        if let Ok(mut p) = self.install.problem.lock() {
+            let since = p.as_ref().map_or_else(Instant::now, |(_, since)| *since);
+            *p = Some((problem, since));
+        }
+        self.poke_fleet();
+    }
+
+    /// The latest apply did not fail on the disk: the streak, if any, is over.
+    pub fn install_ok(&self) {
+        self.install.failing.set(0);
+        if let Ok(mut p) = self.install.problem.lock()
+            && p.take().is_some()
+        {
+            self.poke_fleet();
+        }
+    }
+
+    /// What fails to install, and for how long.
+    fn install_problem(&self) -> Option<(String, Duration)> {
+        let p = self.install.problem.lock().ok()?;
+        p.as_ref()
+            .map(|(what, since)| (what.clone(), since.elapsed()))
+    }
+
+    /// A line for `/readyz` while installs fail but not yet for longer than `stale_after`.
+    pub fn install_detail(&self) -> Option<String> {
+        let (what, age) = self.install_problem()?;
+        let limit = self.stale_after();
+        (age <= limit).then(|| {
+            format!(
+                "{what}; retrying with backoff; HAProxy serves the last good config; failing for {}s, not ready past {}s",
+                age.as_secs(),
+                limit.as_secs()
+            )
+        })
+    }
+}
+
 fn unix_seconds() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -509,6 +620,43 @@ mod tests {
         m.source_ok();
         assert_eq!(m.readiness(), Ok(()));
         assert!(m.encode().contains("haconfd_source_stale_seconds 0.0"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_install_failing_on_the_disk_turns_not_ready_past_stale_after() {
+        let m = Metrics::default();
+        m.set_stale_after(Duration::from_secs(30));
+        m.source_update(1);
+        m.applied(ApplyKind::Start, 1);
+        let what = "cannot install /etc/haproxy/haproxy.cfg: disk full";
+        m.install_failed("disk_full", what.into());
+        assert_eq!(m.readiness(), Ok(()), "a fresh failure is not staleness");
+        let detail = m.install_detail().expect("a detail line while failing");
+        assert!(detail.starts_with(what), "{detail}");
+        let text = m.encode();
+        assert!(text.contains("haconfd_install_failing 1"), "{text}");
+        assert!(
+            text.contains("haconfd_install_failures_total{reason=\"disk_full\"} 1"),
+            "{text}"
+        );
+        // Retries that fail again keep the start of the streak.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        m.install_failed("disk_full", what.into());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let why = m.readiness().expect_err("failing past stale_after");
+        assert!(why.starts_with(what), "{why}");
+        assert!(
+            why.contains("failing for 31s, past stale_after 30s"),
+            "{why}"
+        );
+        assert_eq!(m.install_detail(), None, "the verdict says it already");
+        m.install_ok();
+        assert_eq!(m.readiness(), Ok(()));
+        assert!(m.encode().contains("haconfd_install_failing 0"));
+        assert!(
+            m.encode()
+                .contains("haconfd_install_failures_total{reason=\"disk_full\"} 2")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -338,7 +338,10 @@ fn drain_removes_the_key_first_then_waits_before_exiting() {
         "announce keeps running while it drains:\n{}",
         long.log()
     );
-    assert!(long.log().contains("draining"), "{}", long.log());
+    // The log line follows the revoke: wait for it rather than race it.
+    wait_for(SETTLE, "the drain in announce's log", || {
+        long.log().contains("draining").then_some(())
+    });
     long.signal(Signal::SIGTERM);
     assert_eq!(long.wait_exit(SETTLE), Some(0), "{}", long.log());
     assert!(long.log().contains("drain cut short"), "{}", long.log());

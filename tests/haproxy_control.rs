@@ -913,6 +913,7 @@ fn an_haproxy_that_exits_at_start_is_reported_as_exited() {
         config: cfg,
         stop_grace: Duration::from_secs(5),
         state_file: None,
+        restarts: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

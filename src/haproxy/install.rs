@@ -1,8 +1,10 @@
 //! Atomic install of a rendered file: `dest` is always the whole old or the whole new file.
 //!
 //! Stage next to `dest` (mode 0600, created exclusively), fsync, prove it (`haproxy -c`) when the
-//! template asks, set mode and owner, keep the current file as `<dest>.prev`, rename over
-//! `dest`, fsync the directory. Any failure removes the staged file and leaves `dest` untouched.
+//! template asks, set mode and owner, set the current file aside, rename over `dest`, name the
+//! one set aside `<dest>.prev`, fsync the directory. Any failure before the rename removes what
+//! was staged and leaves `dest` and `<dest>.prev` untouched; a staged file that cannot be removed
+//! (a file system that turned read-only) is logged, and the next install beside `dest` removes it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -15,7 +17,7 @@ use crate::config::TemplateConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {why}", why = describe(.source))]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -30,6 +32,53 @@ pub enum InstallError {
         name: String,
         dest: PathBuf,
     },
+}
+
+impl InstallError {
+    /// Why the disk refused, in a few words for a metric label: `disk_full`, `read_only`,
+    /// `quota_exceeded` or `io`; None when the disk is not to blame (`haproxy -c`, an owner).
+    pub fn disk_reason(&self) -> Option<&'static str> {
+        let InstallError::Io { source, .. } = self else {
+            return None;
+        };
+        Some(match source.kind() {
+            std::io::ErrorKind::StorageFull => "disk_full",
+            std::io::ErrorKind::ReadOnlyFilesystem => "read_only",
+            std::io::ErrorKind::QuotaExceeded => "quota_exceeded",
+            _ => "io",
+        })
+    }
+
+    /// What went wrong with the disk, in the operator's words ("disk full"), for `/readyz`.
+    pub fn disk_problem(&self) -> Option<String> {
+        match self {
+            InstallError::Io { source, .. } => Some(
+                problem(source)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| source.to_string()),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// The disk conditions an operator fixes by hand, in their words.
+fn problem(e: &std::io::Error) -> Option<&'static str> {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => Some("disk full"),
+        std::io::ErrorKind::ReadOnlyFilesystem => Some("read-only file system"),
+        std::io::ErrorKind::QuotaExceeded => Some("disk quota exceeded"),
+        _ => None,
+    }
+}
+
+/// An I/O error with the operator's words first and the system's after: "disk full (No space
+/// left on device (os error 28))".
+fn describe(e: &std::io::Error) -> String {
+    match problem(e) {
+        Some(p) => format!("{p} ({e})"),
+        None => e.to_string(),
+    }
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> InstallError {
@@ -81,16 +130,56 @@ pub fn read_installed(dest: &Path) -> Result<Option<Vec<u8>>, InstallError> {
     }
 }
 
-/// Writes `bytes` to a new 0600 file next to `dest`, fsynced. The caller removes it.
+/// The start of the names this process stages beside `dest`: `.<name>.haconfd-<pid>-`.
+fn staged_prefix(dest: &Path) -> String {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.haconfd-{}-", std::process::id())
+}
+
+/// Removes a file that was staged or set aside and will not be installed. One that cannot be
+/// removed (the file system turned read-only under the install) is logged; a staged one is
+/// removed by the next install beside the same `dest`.
+pub fn discard(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            file = %path.display(),
+            error = %describe(&e),
+            "cannot remove a temporary file; it is left behind"
+        ),
+    }
+}
+
+/// Removes the files this process staged beside `dest` and could not remove then. Only its own
+/// names: a staged file of another process may be in use, and one apply runs at a time, so no
+/// install of this process is using one now.
+fn sweep(dest: &Path) {
+    let prefix = staged_prefix(dest);
+    let Ok(entries) = fs::read_dir(parent(dest)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let ours = name
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".tmp"));
+        if ours && fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(file = %entry.path().display(), "removed a file an earlier install could not");
+        }
+    }
+}
+
+/// Writes `bytes` to a new 0600 file next to `dest`, fsynced. The caller removes it (with
+/// [`discard`]); a failure here leaves nothing behind, or logs what it could not remove.
 pub fn stage(dest: &Path, bytes: &[u8]) -> Result<PathBuf, InstallError> {
     let dir = parent(dest);
     fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
     for attempt in 0..16u32 {
-        let staged = sibling(
-            dest,
-            ".",
-            &format!(".haconfd-{}-{attempt}.tmp", std::process::id()),
-        );
+        let staged = dest.with_file_name(format!("{}{attempt}.tmp", staged_prefix(dest)));
         let mut f = match OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -99,12 +188,14 @@ pub fn stage(dest: &Path, bytes: &[u8]) -> Result<PathBuf, InstallError> {
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io("cannot create staged file", &staged)(e)),
+            // The errors name `dest`: its directory is what the operator frees or remounts.
+            Err(e) => return Err(io("cannot create a staged copy of", dest)(e)),
         };
         let written = f.write_all(bytes).and_then(|()| f.sync_all());
         if let Err(e) = written {
-            let _ = fs::remove_file(&staged);
-            return Err(io("cannot write staged file", &staged)(e));
+            drop(f);
+            discard(&staged);
+            return Err(io("cannot write a staged copy of", dest)(e));
         }
         return Ok(staged);
     }
@@ -138,6 +229,7 @@ pub async fn install_over(
     bytes: &[u8],
     check: Option<&Check>,
 ) -> Result<Outcome, InstallError> {
+    sweep(&t.dest);
     if current.as_deref() == Some(bytes) {
         // Same bytes, but the config may have asked for another mode or owner since.
         set_owner(&t.dest, t)?;
@@ -155,7 +247,7 @@ pub async fn install_over(
     let staged = stage(&t.dest, bytes)?;
     let result = finish(t, &staged, current.as_deref(), check).await;
     if result.is_err() {
-        let _ = fs::remove_file(&staged);
+        discard(&staged);
     }
     result.map(|()| Outcome::Installed { previous: current })
 }
@@ -171,38 +263,54 @@ async fn finish(
     }
     set_owner(staged, t)?;
     fs::set_permissions(staged, fs::Permissions::from_mode(t.mode))
-        .map_err(io("cannot set the mode of", staged))?;
-    if let Some(prev) = current {
-        keep_previous(&t.dest, prev)?;
+        .map_err(io("cannot set the mode of the staged copy of", &t.dest))?;
+    // The current file is set aside before the rename and named `.prev` only after it: a rename
+    // that fails leaves `.prev` as it was, not a copy of a `dest` that never changed.
+    let aside = match current {
+        Some(prev) => Some(set_aside(&t.dest, prev)?),
+        None => None,
+    };
+    if let Err(e) = fs::rename(staged, &t.dest) {
+        if let Some(a) = &aside {
+            discard(a);
+        }
+        return Err(io("cannot rename the staged file over", &t.dest)(e));
     }
-    fs::rename(staged, &t.dest).map_err(io("cannot rename the staged file over", &t.dest))?;
-    sync_dir(parent(&t.dest))
+    // From here on `dest` is the new, proven file: the install has happened and HAProxy must
+    // take it, so what fails now is logged rather than failing an apply whose file is in place.
+    if let Some(a) = aside {
+        let target = prev_path(&t.dest);
+        if let Err(e) = fs::rename(&a, &target) {
+            discard(&a);
+            tracing::warn!(
+                file = %target.display(),
+                error = %describe(&e),
+                "cannot keep the previous file; the previous copy is stale"
+            );
+        }
+    }
+    if let Err(e) = sync_dir(parent(&t.dest)) {
+        tracing::warn!(error = %e, "the new file is in place but not yet durable");
+    }
+    Ok(())
 }
 
-/// Writes the file being replaced to `<dest>.prev`, atomically, so that an operator (and a
-/// failed reload) can go back to it.
-fn keep_previous(dest: &Path, prev: &[u8]) -> Result<(), InstallError> {
-    let target = prev_path(dest);
+/// Keeps the file being replaced under a temporary name beside `dest`, for [`finish`] to name
+/// `<dest>.prev` once the rename succeeded, so that an operator can go back to it.
+fn set_aside(dest: &Path, prev: &[u8]) -> Result<PathBuf, InstallError> {
     // The installed file is the previous one: a hard link keeps it without writing or syncing
     // a byte (the directory fsync after the main rename covers the new name).
-    let link = sibling(
-        dest,
-        ".",
-        &format!(".haconfd-{}-prev.tmp", std::process::id()),
-    );
-    let _ = fs::remove_file(&link);
+    let link = dest.with_file_name(format!("{}prev.tmp", staged_prefix(dest)));
+    discard(&link);
     if fs::hard_link(dest, &link).is_ok() {
-        if fs::rename(&link, &target).is_ok() {
-            return Ok(());
+        return Ok(link);
+    }
+    stage(dest, prev).map_err(|e| match e {
+        InstallError::Io { source, .. } => {
+            io("cannot keep the previous file as", &prev_path(dest))(source)
         }
-        let _ = fs::remove_file(&link);
-    }
-    let staged = stage(dest, prev)?;
-    let r = fs::rename(&staged, &target).map_err(io("cannot keep the previous file as", &target));
-    if r.is_err() {
-        let _ = fs::remove_file(&staged);
-    }
-    r
+        e => e,
+    })
 }
 
 /// Puts the previous file back after a failed reload: the reverse install, without a check (it
@@ -211,10 +319,14 @@ pub fn restore(t: &TemplateConfig, previous: Option<&[u8]>) -> Result<(), Instal
     match previous {
         Some(bytes) => {
             let staged = stage(&t.dest, bytes)?;
-            fs::set_permissions(&staged, fs::Permissions::from_mode(t.mode))
-                .map_err(io("cannot set the mode of", &staged))?;
-            set_owner(&staged, t)?;
-            fs::rename(&staged, &t.dest).map_err(io("cannot restore", &t.dest))?;
+            let put_back = fs::set_permissions(&staged, fs::Permissions::from_mode(t.mode))
+                .map_err(io("cannot set the mode of the staged copy of", &t.dest))
+                .and_then(|()| set_owner(&staged, t))
+                .and_then(|()| fs::rename(&staged, &t.dest).map_err(io("cannot restore", &t.dest)));
+            if put_back.is_err() {
+                discard(&staged);
+            }
+            put_back?;
         }
         None => fs::remove_file(&t.dest).map_err(io("cannot remove", &t.dest))?,
     }

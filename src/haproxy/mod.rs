@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use prometheus_client::metrics::counter::Counter;
 use tokio::process::Command;
+use tokio::time::Instant;
 
 use crate::config::{Config, HaproxyMode};
 
@@ -101,6 +103,62 @@ impl ApplyKind {
     }
 }
 
+/// How a supervised HAProxy came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// Started by this process.
+    Spawned,
+    /// Found running (an earlier haconfd was killed and its HAProxy lived on), taken over
+    /// through its master socket and reloaded on the installed file.
+    Adopted,
+}
+
+impl std::fmt::Display for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Started::Spawned => "started",
+            Started::Adopted => "adopted and reloaded",
+        })
+    }
+}
+
+/// How often `master` mode looks at the master socket for an HAProxy that its own supervisor
+/// restarted: a restart is noticed within this, without a registry change.
+const MASTER_LOOK_EVERY: Duration = Duration::from_secs(2);
+
+/// How long one look at the master socket may take; a look never holds an apply up for long.
+const MASTER_LOOK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What `master` mode knows of the master it reloads: the PID it saw last, and when to look
+/// again.
+#[derive(Debug, Clone)]
+pub struct MasterWatch {
+    seen: Option<u32>,
+    next: Instant,
+    /// The socket did not answer at the last look (logged once per outage).
+    silent: bool,
+}
+
+impl Default for MasterWatch {
+    fn default() -> Self {
+        MasterWatch {
+            seen: None,
+            next: Instant::now(),
+            silent: false,
+        }
+    }
+}
+
+/// What a look at the master socket found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterSeen {
+    /// The first master this process sees: its history is unknown.
+    First(u32),
+    /// Another master than at the last look: its supervisor restarted HAProxy, which loaded
+    /// the installed file and the server state file of haconfd's last reload.
+    Restarted { from: u32, to: u32 },
+}
+
 /// Drives HAProxy per `[haproxy] mode`.
 pub enum Controller {
     None,
@@ -111,6 +169,7 @@ pub enum Controller {
     Master {
         socket: PathBuf,
         timeout: Duration,
+        watch: MasterWatch,
     },
     Supervise {
         spec: supervise::Spec,
@@ -133,6 +192,7 @@ impl Controller {
             HaproxyMode::Master => Controller::Master {
                 socket: h.master_socket.clone(),
                 timeout: h.reload_timeout,
+                watch: MasterWatch::default(),
             },
             HaproxyMode::Supervise => Controller::Supervise {
                 spec: supervise::Spec {
@@ -144,6 +204,7 @@ impl Controller {
                         .unwrap_or_default(),
                     stop_grace: Duration::from_secs(35),
                     state_file: Some(h.state_file.clone()),
+                    restarts: Counter::default(),
                 },
                 timeout: h.reload_timeout,
                 running: None,
@@ -165,6 +226,7 @@ impl Controller {
                     Controller::Master {
                         socket: spec.master_socket,
                         timeout,
+                        watch: MasterWatch::default(),
                     }
                 } else {
                     tracing::info!(
@@ -186,7 +248,9 @@ impl Controller {
                 run_command(argv, *timeout).await?;
                 Ok(ApplyKind::Reload)
             }
-            Controller::Master { socket, timeout } => {
+            Controller::Master {
+                socket, timeout, ..
+            } => {
                 save_state(state).await;
                 master::reload(socket, *timeout).await?;
                 Ok(ApplyKind::Reload)
@@ -198,8 +262,10 @@ impl Controller {
                 ..
             } => {
                 if running.is_none() {
-                    self.start_installed().await?;
-                    return Ok(ApplyKind::Start);
+                    return Ok(match self.start_installed(state).await? {
+                        Some(Started::Adopted) => ApplyKind::Reload,
+                        _ => ApplyKind::Start,
+                    });
                 }
                 save_state(state).await;
                 master::reload(&spec.master_socket, *timeout).await?;
@@ -221,22 +287,94 @@ impl Controller {
     /// Starts a supervised HAProxy on the installed file: at the first apply, or before the
     /// source answers, so that a node that restarts during a source outage serves its last
     /// good config instead of nothing. The caller has proven the file. No-op in other modes
-    /// or once running; true when it started HAProxy.
-    pub async fn start_installed(&mut self) -> Result<bool, ReloadError> {
-        if let Controller::Supervise {
+    /// or once running; says how HAProxy came to run when it did.
+    ///
+    /// An HAProxy that an earlier haconfd left running is adopted instead (a second one would
+    /// share its ports through SO_REUSEPORT), and reloaded at once with `state` saved: it runs
+    /// the file it last loaded, which need not be the installed one (that haconfd may have
+    /// died between an install and its reload), and the server state file on disk may be
+    /// older than the Runtime API changes it took since.
+    pub async fn start_installed(
+        &mut self,
+        state: Option<&StateSave>,
+    ) -> Result<Option<Started>, ReloadError> {
+        let Controller::Supervise {
             spec,
             timeout,
             running: running @ None,
             stopper,
         } = self
-        {
-            let sup = supervise::Supervisor::start(spec.clone(), *timeout, stopper.clone())
-                .await
-                .map_err(ReloadError::Supervise)?;
-            *running = Some(sup);
-            return Ok(true);
+        else {
+            return Ok(None);
+        };
+        let sup = supervise::Supervisor::start(spec.clone(), *timeout, stopper.clone())
+            .await
+            .map_err(ReloadError::Supervise)?;
+        let adopted = sup.adopted();
+        // Watched from now on whatever the reload does: a failed reload leaves it serving the
+        // file it had, and no second HAProxy may start beside it.
+        *running = Some(sup);
+        let Some(pid) = adopted else {
+            return Ok(Some(Started::Spawned));
+        };
+        save_state(state).await;
+        master::reload(&spec.master_socket, *timeout).await?;
+        tracing::info!(pid, config = %spec.config.display(), "the adopted HAProxy reloaded the installed config");
+        Ok(Some(Started::Adopted))
+    }
+
+    /// Counts the restarts of a supervised HAProxy on `counter` (the daemon's metric).
+    pub fn count_restarts(&mut self, counter: &Counter) {
+        if let Controller::Supervise { spec, .. } = self {
+            spec.restarts = counter.clone();
         }
-        Ok(false)
+    }
+
+    /// When `master` mode wants to look at the master socket next; None in other modes.
+    pub fn next_look(&self) -> Option<Instant> {
+        match self {
+            Controller::Master { watch, .. } => Some(watch.next),
+            _ => None,
+        }
+    }
+
+    /// In `master` mode, when a look is due, asks the master socket for its master's PID: a
+    /// first sight, or a master other than the last one seen, is reported. Nothing else is
+    /// (other modes, a look not due, a socket that does not answer, a master without a
+    /// worker yet).
+    pub async fn look_at_master(&mut self) -> Option<MasterSeen> {
+        let Controller::Master { socket, watch, .. } = self else {
+            return None;
+        };
+        let now = Instant::now();
+        if now < watch.next {
+            return None;
+        }
+        watch.next = now + MASTER_LOOK_EVERY;
+        let info = match master::show_proc(socket, MASTER_LOOK_TIMEOUT).await {
+            Ok(info) => info,
+            Err(e) => {
+                if !std::mem::replace(&mut watch.silent, true) {
+                    tracing::warn!(error = %e, "the HAProxy master does not answer: down, or restarting under its supervisor");
+                }
+                return None;
+            }
+        };
+        if std::mem::replace(&mut watch.silent, false) {
+            tracing::info!(pid = info.master_pid, "the HAProxy master answers again");
+        }
+        // A master that has not forked its worker yet has no runtime socket to compare with.
+        if info.workers == 0 {
+            return None;
+        }
+        match watch.seen.replace(info.master_pid) {
+            None => Some(MasterSeen::First(info.master_pid)),
+            Some(from) if from != info.master_pid => Some(MasterSeen::Restarted {
+                from,
+                to: info.master_pid,
+            }),
+            Some(_) => None,
+        }
     }
 
     /// Whether HAProxy still has to be started (supervise mode, before the first apply).
@@ -296,7 +434,7 @@ async fn save_state(state: Option<&StateSave>) {
         };
         let staged = install::stage(&s.state_file, text.as_bytes()).map_err(|e| e.to_string())?;
         std::fs::rename(&staged, &s.state_file).map_err(|e| {
-            let _ = std::fs::remove_file(&staged);
+            install::discard(&staged);
             e.to_string()
         })
     }
@@ -306,6 +444,43 @@ async fn save_state(state: Option<&StateSave>) {
         let _ = std::fs::remove_file(&s.state_file);
         tracing::warn!(error = %e, file = %s.state_file.display(), "cannot save server state before reload");
     }
+}
+
+/// What [`realign`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Realigned {
+    /// The running servers match the installed file.
+    InLine,
+    /// This many `set server` commands made them match.
+    Runtime(usize),
+}
+
+/// Brings the servers the running HAProxy holds (`show servers state` on `runtime_socket`) in
+/// line with the installed file `config`, through the Runtime API. An error says why that
+/// cannot be done, and a reload is then the way.
+pub async fn realign(
+    runtime_socket: &std::path::Path,
+    config: &std::path::Path,
+    timeout: Duration,
+) -> Result<Realigned, String> {
+    let cfg = std::fs::read(config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let cfg =
+        std::str::from_utf8(&cfg).map_err(|_| format!("{} is not UTF-8", config.display()))?;
+    let state = master::command(runtime_socket, "show servers state", timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let cmds = runtime::plan_state(&state, cfg).map_err(|e| e.0)?;
+    if cmds.is_empty() {
+        return Ok(Realigned::InLine);
+    }
+    // The caller logs how many; a stale state file can hold thousands of servers.
+    for c in &cmds {
+        tracing::debug!(command = %c, "realigning a server with the installed file");
+    }
+    runtime::apply(runtime_socket, &cmds, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Realigned::Runtime(cmds.len()))
 }
 
 /// Runs a reload command: argv (no shell), stdin closed, own process group killed whole on

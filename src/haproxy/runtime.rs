@@ -315,6 +315,96 @@ pub fn filter_state(state: &str, new_cfg: &str) -> String {
     out
 }
 
+/// The commands that bring the servers a running HAProxy holds (`show servers state`) in line
+/// with `cfg`, the file it is meant to run, or why only a reload can.
+///
+/// An HAProxy that its own supervisor restarted loads the file and then the server state file
+/// haconfd saved before its last reload, so a server the Runtime API changed since comes back
+/// with its older address, port, weight or maintenance. Only what the Runtime API sets is
+/// compared; a server whose address is a host name is left to HAProxy's resolver. A server on
+/// one side only means that HAProxy runs another file. The lame-duck switch is haconfd's own
+/// and keeps its state.
+pub fn plan_state(state: &str, cfg: &str) -> Result<Vec<Cmd>, NeedsReload> {
+    let reload = |why: String| Err(NeedsReload(why));
+    // be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight
+    // srv_iweight … srv_port (field 18)
+    let mut live = std::collections::HashMap::new();
+    for line in state.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with('#') || f.len() < 19 {
+            continue;
+        }
+        // In maintenance: FMAINT, IMAINT or RMAINT (SRV_ADMF_MAINT, 0x23).
+        let maint = f[6].parse::<u32>().is_ok_and(|a| a & 0x23 != 0);
+        live.insert((f[1], f[3]), (f[4], f[18], f[7], maint));
+    }
+    let mut cmds = Vec::new();
+    let mut section: Option<&str> = None;
+    for line in cfg.lines() {
+        let words: Vec<&str> = line
+            .split_whitespace()
+            .take_while(|w| !w.starts_with('#'))
+            .collect();
+        if !line.starts_with(char::is_whitespace) {
+            section = match words[..] {
+                ["backend" | "listen", name] if is_name(name) => Some(name),
+                _ => None,
+            };
+            continue;
+        }
+        let (Some(be), ["server", name, ..]) = (section, &words[..]) else {
+            continue;
+        };
+        let Some((addr, port, weight, maint)) = live.remove(&(be, *name)) else {
+            return reload(format!(
+                "HAProxy has no server {be}/{name}: it runs another file"
+            ));
+        };
+        let Some(s) = parse_server(line).filter(|_| (be, *name) != LAME_DUCK_SWITCH) else {
+            continue;
+        };
+        let (backend, server) = (be.to_owned(), s.name.to_owned());
+        if s.disabled && !maint {
+            cmds.push(Cmd::State {
+                backend: backend.clone(),
+                server: server.clone(),
+                ready: false,
+            });
+        }
+        if addr.parse::<IpAddr>().ok() != Some(s.ip) || port.parse::<u16>().ok() != Some(s.port) {
+            cmds.push(Cmd::Addr {
+                backend: backend.clone(),
+                server: server.clone(),
+                ip: s.ip,
+                port: s.port,
+            });
+        }
+        if weight.parse::<u16>().ok() != Some(s.weight) {
+            if s.weight > 256 {
+                return reload(format!("{be}/{name}: weight above 256"));
+            }
+            cmds.push(Cmd::Weight {
+                backend: backend.clone(),
+                server: server.clone(),
+                weight: s.weight,
+            });
+        }
+        if maint && !s.disabled {
+            cmds.push(Cmd::State {
+                backend,
+                server,
+                ready: true,
+            });
+        }
+    }
+    if let Some((be, name)) = live.keys().min() {
+        return reload(format!(
+            "HAProxy runs server {be}/{name}, which the file does not hold"
+        ));
+    }
+    Ok(cmds)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("runtime socket {path}: {source}")]
@@ -652,6 +742,71 @@ backend be_api
             filter_state(&state, "backend be_api\n    server srv2 127.0.0.1:1\n"),
             state
         );
+    }
+
+    #[test]
+    fn running_servers_are_brought_in_line_with_the_file() {
+        let head = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n";
+        let line = |be: &str, srv: &str, addr: &str, admin: u32, uweight: u32, port: u16| {
+            format!(
+                "3 {be} 1 {srv} {addr} 2 {admin} {uweight} 100 5 6 3 4 6 0 0 0 - {port} - 0 0 - - 0\n"
+            )
+        };
+        let cfg = "backend be_web\n    balance roundrobin\n    \
+                   server srv1 127.0.0.1:8001 weight 100  # a\n    \
+                   server srv2 127.0.0.1:8002 weight 100  # b\n    \
+                   server srv3 127.0.0.1:1 disabled\n    \
+                   server srv4 db.internal:5432 weight 3\n\
+                   backend _lameduck\n    server serving 127.0.0.1:1 no-check\n";
+        let state = |srv2: String, srv3: String| {
+            format!(
+                "{head}{}{srv2}{srv3}{}{}",
+                // As the file says (CMAINT alone is not maintenance).
+                line("be_web", "srv1", "127.0.0.1", 4, 100, 8001),
+                // A host name: HAProxy's resolver owns its address.
+                line("be_web", "srv4", "10.1.2.3", 0, 3, 5432),
+                // The lame-duck switch is on: haconfd's own, kept.
+                line("_lameduck", "serving", "127.0.0.1", 1, 1, 1),
+            )
+        };
+        let in_line = state(
+            line("be_web", "srv2", "127.0.0.1", 0, 100, 8002),
+            line("be_web", "srv3", "127.0.0.1", 5, 1, 1),
+        );
+        assert_eq!(plan_state(&in_line, cfg), Ok(Vec::new()));
+        // What a stale server state file restores: srv2 at its old port and weight and in
+        // maintenance, the free slot srv3 still serving an instance that moved on.
+        let stale = state(
+            line("be_web", "srv2", "127.0.0.1", 1, 50, 8009),
+            line("be_web", "srv3", "127.0.0.1", 4, 100, 8003),
+        );
+        let cmds: Vec<String> = plan_state(&stale, cfg)
+            .expect("set server commands")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            cmds,
+            [
+                "set server be_web/srv2 addr 127.0.0.1 port 8002",
+                "set server be_web/srv2 weight 100",
+                "set server be_web/srv2 state ready",
+                "set server be_web/srv3 state maint",
+                "set server be_web/srv3 addr 127.0.0.1 port 1",
+                "set server be_web/srv3 weight 1",
+            ]
+        );
+        // Another file: a server on one side only.
+        let short = cfg.replace("    server srv3 127.0.0.1:1 disabled\n", "");
+        let why = plan_state(&in_line, &short).expect_err("a reload");
+        assert!(
+            why.0.contains("be_web/srv3, which the file does not hold"),
+            "{}",
+            why.0
+        );
+        let long = format!("{cfg}backend be_new\n    server srv1 127.0.0.1:8100\n");
+        let why = plan_state(&in_line, &long).expect_err("a reload");
+        assert!(why.0.contains("no server be_new/srv1"), "{}", why.0);
     }
 
     #[test]

@@ -1,14 +1,28 @@
-//! Owns an `haproxy -W -S <master_socket>,mode,600 -f <cfg>` child: starts it, restarts it with
-//! backoff when it dies, and stops it gracefully (SIGUSR1, soft stop) within a bound, or at once
-//! (SIGTERM, hard stop) when the operator insists: a [`Stopper`] carries the request.
+//! Owns the node's `haproxy -W -S <master_socket>,mode,600 -f <cfg>`: starts it, or adopts the
+//! one an earlier haconfd left running; restarts it when it dies (a SIGKILLed master, or a
+//! worker whose death takes the master down); stops it gracefully (SIGUSR1, soft stop) within a
+//! bound, or at once (SIGTERM, hard stop) when the operator insists: a [`Stopper`] carries the
+//! request.
+//!
+//! There is never a second HAProxy. HAProxy binds with SO_REUSEPORT, so a second master on the
+//! same ports starts without an error and the kernel splits connections between the two; an
+//! orphan (its haconfd SIGKILLed) would serve a config that never changes again. Before it starts
+//! anything, the supervisor asks the master socket: a master that answers, runs with this
+//! socket and this config file, and has a worker is adopted (no gap in serving); one that runs
+//! another file or has no worker is stopped first; one this process cannot identify is left
+//! alone, and nothing starts. A PID is signalled only after the socket named it as its master,
+//! and only while `/proc` shows the same process (PID and start time).
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use prometheus_client::metrics::counter::Counter;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,10 +41,34 @@ pub struct Spec {
     /// The server state file: removed before each start, because what it holds was saved from
     /// an HAProxy that is gone, and HAProxy would restore its ports and states over the config.
     pub state_file: Option<PathBuf>,
+    /// Counts the restarts of an HAProxy that died (`haconfd_haproxy_restarts_total`).
+    pub restarts: Counter,
 }
 
 /// How long a hard-stopped HAProxy gets to exit before its process group is killed.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the master socket may take to answer the question whether an HAProxy runs.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often a master that is not haconfd's child (adopted) is looked at: it cannot be waited
+/// for, so its death is seen by polling.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
+/// How often the master socket is asked whether the master still has a worker. HAProxy 2.6's
+/// master exits when its current worker dies (`exit-on-failure`, even under `no-exit-on-failure`,
+/// which its re-executed master no longer reads); a master that stays up without one (another
+/// version) must not leave the node dark either.
+const WORKER_POLL: Duration = Duration::from_secs(2);
+
+/// How many polls in a row must find no worker before the master is taken for broken.
+const WORKERLESS_POLLS: u32 = 2;
+
+/// How a master that cannot be adopted gets to stop softly before it is stopped hard.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
+
+/// Restarts of a master that lived this long start again from the shortest backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// How the supervised HAProxy is to run. Only ever escalates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -83,13 +121,224 @@ impl Stopper {
 pub struct Supervisor {
     stop: Stopper,
     task: JoinHandle<()>,
+    /// The master's PID when it was adopted rather than started.
+    adopted: Option<u32>,
+}
+
+/// One process as `/proc` shows it: its PID and its start time (clock ticks after boot), which
+/// together name it even after the PID is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcId {
+    pid: u32,
+    start: u64,
+    group: u32,
+}
+
+impl ProcId {
+    /// The live (neither zombie nor dead) process `pid`.
+    fn of(pid: u32) -> Option<ProcId> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields follow the command name in parentheses, which may itself hold spaces:
+        // state (3), ppid, pgrp (5), …, starttime (22).
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if matches!(fields.first(), Some(&("Z" | "X" | "x")) | None) {
+            return None;
+        }
+        Some(ProcId {
+            pid,
+            group: fields.get(2)?.parse().ok()?,
+            start: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    /// Whether this very process still lives.
+    fn alive(&self) -> bool {
+        ProcId::of(self.pid).is_some_and(|now| now.start == self.start)
+    }
+
+    /// Sends `sig`, only while this very process lives.
+    fn signal(&self, sig: Signal) {
+        if self.alive() {
+            let _ = kill(Pid::from_raw(self.pid as i32), sig);
+        }
+    }
+
+    /// SIGKILL to its process group when it leads one (haconfd starts HAProxy as the leader of
+    /// a group of its own, and its workers are in it), else to the process alone.
+    fn kill_all(&self) {
+        if !self.alive() {
+            return;
+        }
+        let pid = Pid::from_raw(self.pid as i32);
+        if self.group == self.pid {
+            let _ = killpg(pid, Signal::SIGKILL);
+        } else {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Waits up to `within` for the process to be gone; true when it is.
+    async fn gone_within(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.alive() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// The master the supervisor watches.
+enum Master {
+    /// Started by this process: its child, waited for and reaped here.
+    Child(Child),
+    /// Found running and taken over through the master socket: not a child (its parent is
+    /// whoever inherited it), so its death is seen by polling `/proc`.
+    Adopted(ProcId),
+    /// None runs: starting one failed for this reason. Counts as exited at once, so that the
+    /// next start follows the backoff.
+    Failed(String),
+}
+
+impl Master {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Master::Child(c) => c.id(),
+            Master::Adopted(id) => Some(id.pid),
+            Master::Failed(_) => None,
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        match self {
+            Master::Child(c) => {
+                if let Some(pid) = c.id() {
+                    let _ = kill(Pid::from_raw(pid as i32), sig);
+                }
+            }
+            Master::Adopted(id) => id.signal(sig),
+            Master::Failed(_) => {}
+        }
+    }
+
+    /// Kills the master and its workers at once.
+    fn kill_all(&self) {
+        match self {
+            Master::Child(c) => {
+                if let Some(pid) = c.id() {
+                    super::kill_group(pid);
+                }
+            }
+            Master::Adopted(id) => id.kill_all(),
+            Master::Failed(_) => {}
+        }
+    }
+
+    /// Waits up to `within` for the master to exit; true when it did (and, for a child, was
+    /// reaped).
+    async fn exited_within(&mut self, within: Duration) -> bool {
+        match self {
+            Master::Child(c) => tokio::time::timeout(within, c.wait()).await.is_ok(),
+            Master::Adopted(id) => id.gone_within(within).await,
+            Master::Failed(_) => true,
+        }
+    }
+
+    /// Kills the master's group and waits (bounded) for it to be gone.
+    async fn kill_and_reap(&mut self) {
+        self.kill_all();
+        let _ = self.exited_within(HARD_STOP_GRACE).await;
+    }
+}
+
+/// What answers on the master socket before anything starts.
+enum Found {
+    /// Nothing: no socket, or a socket file no one answers on (removed by [`spawn`]).
+    Nothing,
+    /// An HAProxy master of this node with a worker: it can be taken over.
+    Adoptable(ProcId),
+    /// An HAProxy master of this node that must go first, and why.
+    Replace(ProcId, String),
+    /// Something answers that this process cannot vouch for: nothing starts, and why.
+    Refuse(String),
+}
+
+/// The argument after `flag` in a command line.
+fn arg_after<'a>(args: &'a [&'a [u8]], flag: &str) -> Option<&'a [u8]> {
+    let i = args.iter().position(|a| *a == flag.as_bytes())?;
+    args.get(i + 1).copied()
+}
+
+/// Asks the master socket whether an HAProxy master runs there, and whether it is one this
+/// node's haconfd started: its command line names this socket after `-S` and, to be adopted,
+/// this config file after `-f` (a master reloads the file it was started with).
+async fn look(spec: &Spec) -> Found {
+    let Ok(info) = master::show_proc(&spec.master_socket, PROBE_TIMEOUT).await else {
+        return Found::Nothing;
+    };
+    let socket = spec.master_socket.display();
+    let Some(id) = ProcId::of(info.master_pid) else {
+        return Found::Refuse(format!(
+            "an HAProxy answers on the master socket {socket} as master PID {pid}, which is not a live process here (another PID namespace?); stop that HAProxy, or give this haconfd a master socket of its own",
+            pid = info.master_pid
+        ));
+    };
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", id.pid)).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = arg_after(&args, "-S").is_some_and(|s| {
+        s.split(|b| *b == b',').next() == Some(spec.master_socket.as_os_str().as_bytes())
+    });
+    if !ours {
+        return Found::Refuse(format!(
+            "an HAProxy answers on the master socket {socket} as master PID {pid}, but that process was not started with `-S {socket}`; stop it, or give this haconfd a master socket of its own",
+            pid = id.pid
+        ));
+    }
+    let config = arg_after(&args, "-f").map(OsStr::from_bytes);
+    if config != Some(spec.config.as_os_str()) {
+        return Found::Replace(
+            id,
+            format!(
+                "it loads {:?}, not {}",
+                config.unwrap_or_default(),
+                spec.config.display()
+            ),
+        );
+    }
+    if info.workers == 0 {
+        return Found::Replace(id, "it has no worker".into());
+    }
+    Found::Adoptable(id)
+}
+
+/// Stops a master this node started earlier but cannot adopt, before its own starts: a soft
+/// stop (its workers stop listening at once and finish their connections), bounded, then hard.
+async fn retire(id: ProcId, why: &str) {
+    tracing::warn!(
+        pid = id.pid,
+        reason = why,
+        "an HAProxy from an earlier run answers on the master socket but cannot be adopted; stopping it before starting a new one"
+    );
+    id.signal(Signal::SIGUSR1);
+    if id.gone_within(RETIRE_GRACE).await {
+        return;
+    }
+    id.signal(Signal::SIGTERM);
+    if !id.gone_within(HARD_STOP_GRACE).await {
+        id.kill_all();
+        let _ = id.gone_within(HARD_STOP_GRACE).await;
+    }
 }
 
 fn spawn(spec: &Spec) -> std::io::Result<Child> {
     if let Some(dir) = spec.master_socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    // A stale socket file from a previous run would make `-S` fail to bind.
+    // A stale socket file from a previous run would make `-S` fail to bind. Only called once
+    // [`look`] found no one answering on it.
     let _ = std::fs::remove_file(&spec.master_socket);
     if let Some(state) = &spec.state_file {
         let _ = std::fs::remove_file(state);
@@ -111,13 +360,83 @@ fn spawn(spec: &Spec) -> std::io::Result<Child> {
         // Its own process group: a terminal's Ctrl-C reaches haconfd, which stops HAProxy
         // gracefully, instead of hard-stopping HAProxy behind its back.
         .process_group(0)
+        // Its output goes into haconfd's log, which never blocks: an HAProxy that inherited a
+        // stderr nobody reads wedged on a full pipe, and stopped answering its own soft stop.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(false)
         .spawn()
+        .map(forward_output)
+}
+
+/// Reads the child's stdout and stderr line by line into the log until it closes them.
+fn forward_output(mut child: Child) -> Child {
+    fn forward(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+        /// A longer line is cut: HAProxy's are far shorter.
+        const MAX_LINE: u64 = 8 * 1024;
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        let text = text.trim_end();
+                        if !text.is_empty() {
+                            tracing::info!(target: "haproxy", "{text}");
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        forward(out);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(err);
+    }
+    child
+}
+
+/// Starts a master again after one died: adopts one that answers meanwhile (someone started
+/// it on this socket and this file), stops one that cannot be adopted, else spawns.
+async fn relaunch(spec: &Spec) -> Master {
+    match look(spec).await {
+        Found::Adoptable(id) => {
+            tracing::warn!(
+                pid = id.pid,
+                "an HAProxy master of this node answers on the master socket; adopting it"
+            );
+            return Master::Adopted(id);
+        }
+        Found::Refuse(why) => return Master::Failed(why),
+        Found::Replace(id, why) => retire(id, &why).await,
+        Found::Nothing => {}
+    }
+    match spawn(spec) {
+        Ok(c) => {
+            tracing::info!(
+                pid = c.id(),
+                config = %spec.config.display(),
+                restarts = spec.restarts.get(),
+                "haproxy restarted on the installed config"
+            );
+            Master::Child(c)
+        }
+        Err(e) => Master::Failed(format!("cannot start {}: {e}", spec.binary)),
+    }
 }
 
 impl Supervisor {
-    /// Starts HAProxy and waits until its master answers with a worker. `stop` is how it will
-    /// be stopped; once a stop was asked for, nothing starts.
+    /// Starts HAProxy and waits until its master answers with a worker, or adopts the master
+    /// of this node that already answers on the master socket (an earlier haconfd was killed
+    /// and its HAProxy lived on): [`Supervisor::adopted`] says which, and an adopted master
+    /// still runs the file it last loaded. `stop` is how it will be stopped; once a stop was
+    /// asked for, nothing starts.
     pub async fn start(
         spec: Spec,
         ready_timeout: Duration,
@@ -128,6 +447,24 @@ impl Supervisor {
         }
         // Subscribed before the start, so that a stop asked for meanwhile is seen.
         let stop_rx = stop.0.subscribe();
+        match look(&spec).await {
+            Found::Adoptable(id) => {
+                tracing::warn!(
+                    pid = id.pid,
+                    socket = %spec.master_socket.display(),
+                    "adopting the HAProxy an earlier haconfd left running (its master answers on the master socket) instead of starting a second one"
+                );
+                let task = tokio::spawn(watch_master(spec, Master::Adopted(id), stop_rx));
+                return Ok(Supervisor {
+                    stop,
+                    task,
+                    adopted: Some(id.pid),
+                });
+            }
+            Found::Refuse(why) => return Err(why),
+            Found::Replace(id, why) => retire(id, &why).await,
+            Found::Nothing => {}
+        }
         let mut child = spawn(&spec).map_err(|e| format!("cannot start {}: {e}", spec.binary))?;
         // An HAProxy that exits at once (an FD limit below its server count, a port in use)
         // fails the start now, not after `ready_timeout`.
@@ -146,8 +483,17 @@ impl Supervisor {
             return Err(format!("HAProxy did not come up: {e}"));
         }
         tracing::info!(pid = child.id(), config = %spec.config.display(), "haproxy started");
-        let task = tokio::spawn(watch_child(spec, child, stop_rx));
-        Ok(Supervisor { stop, task })
+        let task = tokio::spawn(watch_master(spec, Master::Child(child), stop_rx));
+        Ok(Supervisor {
+            stop,
+            task,
+            adopted: None,
+        })
+    }
+
+    /// The master's PID when it was adopted rather than started.
+    pub fn adopted(&self) -> Option<u32> {
+        self.adopted
     }
 
     /// Stops HAProxy gracefully (unless a hard stop was asked for) and waits for the
@@ -170,65 +516,124 @@ async fn forced(stop: &mut watch::Receiver<Stop>) {
     }
 }
 
-async fn watch_child(spec: Spec, mut child: Child, mut stop: watch::Receiver<Stop>) {
-    let mut backoff = Duration::from_millis(500);
+/// Resolves once the master socket has answered for [`WORKERLESS_POLLS`] polls in a row that
+/// master `pid` has no worker. A socket that does not answer (the master re-executing for a
+/// reload) proves nothing either way.
+async fn workerless(spec: &Spec, pid: u32, every: Duration) {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        match master::show_proc(&spec.master_socket, PROBE_TIMEOUT).await {
+            Ok(info) if info.master_pid == pid && info.workers == 0 => seen += 1,
+            _ => seen = 0,
+        }
+        if seen >= WORKERLESS_POLLS {
+            return;
+        }
+    }
+}
+
+/// Waits until the master is gone, or useless (no worker, which it is then stopped for); says
+/// what happened.
+async fn gone(master: &mut Master, spec: &Spec) -> String {
+    let pid = master.pid().unwrap_or_default();
+    match master {
+        Master::Child(child) => {
+            tokio::select! {
+                status = child.wait() => {
+                    return status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                }
+                () = workerless(spec, pid, WORKER_POLL) => {}
+            }
+        }
+        Master::Adopted(id) => {
+            let id = *id;
+            let dead = async {
+                while id.alive() {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+            };
+            tokio::select! {
+                () = dead => {
+                    // Its parent (whoever inherited it) collects the exit status.
+                    return "the adopted master exited".into();
+                }
+                () = workerless(spec, pid, WORKER_POLL) => {}
+            }
+        }
+        Master::Failed(why) => return why.clone(),
+    }
+    tracing::error!(
+        pid,
+        "the haproxy master answers without a worker: nothing serves; stopping it"
+    );
+    master.signal(Signal::SIGTERM);
+    if !master.exited_within(HARD_STOP_GRACE).await {
+        master.kill_and_reap().await;
+    }
+    "its master had no worker left".into()
+}
+
+async fn watch_master(spec: Spec, mut master: Master, mut stop: watch::Receiver<Stop>) {
+    // The first restart is immediate: the node serves nothing until it is done. A master that
+    // keeps dying is started again after 0.5 s, 1 s, … up to 30 s.
+    let mut backoff = Duration::ZERO;
     loop {
         let started = Instant::now();
+        // Read now: a reaped child no longer has one.
+        let pid = master.pid();
         tokio::select! {
-            status = child.wait() => {
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
+            why = gone(&mut master, &spec) => {
+                if !matches!(master, Master::Failed(_)) {
+                    spec.restarts.inc();
                 }
-                tracing::error!(%status, retry_in = ?backoff, "haproxy exited; restarting it");
+                if started.elapsed() > STABLE_AFTER {
+                    backoff = Duration::ZERO;
+                }
+                tracing::error!(
+                    pid,
+                    status = %why,
+                    retry_in = ?backoff,
+                    "haproxy exited; restarting it on the installed config"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stopping(&mut stop) => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                match spawn(&spec) {
-                    Ok(c) => {
-                        tracing::info!(pid = c.id(), "haproxy restarted");
-                        child = c;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot restart haproxy");
-                        // Try again after the next backoff, through a child that exits at once.
-                        match Command::new("true").spawn() {
-                            Ok(c) => child = c,
-                            Err(_) => return,
-                        }
-                    }
+                backoff = (backoff * 2)
+                    .max(Duration::from_millis(500))
+                    .min(Duration::from_secs(30));
+                master = relaunch(&spec).await;
+                if let Master::Failed(why) = &master {
+                    tracing::error!(error = %why, "cannot restart haproxy");
                 }
             }
             _ = stopping(&mut stop) => {
-                stop_child(&mut child, spec.stop_grace, &mut stop).await;
+                stop_master(&mut master, spec.stop_grace, &mut stop).await;
                 return;
             }
         }
     }
 }
 
-async fn stop_child(child: &mut Child, grace: Duration, stop: &mut watch::Receiver<Stop>) {
-    let Some(pid) = child.id() else { return };
+async fn stop_master(master: &mut Master, grace: Duration, stop: &mut watch::Receiver<Stop>) {
+    let Some(pid) = master.pid() else { return };
     let hard = *stop.borrow() == Stop::Hard;
     if !hard {
         // SIGUSR1 asks the master for a soft stop: workers finish their connections, then exit.
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGUSR1);
+        master.signal(Signal::SIGUSR1);
         tracing::info!(
             pid,
             ?grace,
             "haproxy soft stop: connections drain (a second SIGTERM or SIGINT stops it at once)"
         );
         tokio::select! {
-            done = tokio::time::timeout(grace, child.wait()) => {
-                match done {
-                    Ok(_) => tracing::info!(pid, "haproxy stopped"),
-                    Err(_) => {
-                        tracing::warn!(pid, ?grace, "haproxy did not stop in time; killing it");
-                        super::kill_group(pid);
-                        let _ = child.wait().await;
-                    }
+            done = master.exited_within(grace) => {
+                if done {
+                    tracing::info!(pid, "haproxy stopped");
+                } else {
+                    tracing::warn!(pid, ?grace, "haproxy did not stop in time; killing it");
+                    master.kill_and_reap().await;
                 }
                 return;
             }
@@ -240,14 +645,12 @@ async fn stop_child(child: &mut Child, grace: Duration, stop: &mut watch::Receiv
         pid,
         "forced stop: haproxy hard stop (SIGTERM); open connections are cut"
     );
-    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-    match tokio::time::timeout(HARD_STOP_GRACE, child.wait()).await {
-        Ok(_) => tracing::info!(pid, "haproxy stopped (forced)"),
-        Err(_) => {
-            tracing::warn!(pid, grace = ?HARD_STOP_GRACE, "haproxy did not stop after SIGTERM; killing it");
-            super::kill_group(pid);
-            let _ = child.wait().await;
-        }
+    master.signal(Signal::SIGTERM);
+    if master.exited_within(HARD_STOP_GRACE).await {
+        tracing::info!(pid, "haproxy stopped (forced)");
+    } else {
+        tracing::warn!(pid, grace = ?HARD_STOP_GRACE, "haproxy did not stop after SIGTERM; killing it");
+        master.kill_and_reap().await;
     }
 }
 
@@ -278,11 +681,84 @@ mod tests {
             config: "/nonexistent/haproxy.cfg".into(),
             stop_grace: Duration::from_secs(1),
             state_file: None,
+            restarts: Counter::default(),
         };
         let e = Supervisor::start(spec, Duration::from_secs(1), s)
             .await
             .err()
             .expect("refused");
         assert!(e.contains("stopping"), "{e}");
+    }
+
+    #[test]
+    fn a_process_is_named_by_pid_and_start_time() {
+        let me = ProcId::of(std::process::id()).expect("this process");
+        assert!(me.alive());
+        let reused = ProcId {
+            start: me.start + 1,
+            ..me
+        };
+        assert!(!reused.alive(), "another start time is another process");
+        assert_eq!(ProcId::of(u32::MAX), None);
+    }
+
+    /// Answers every connection on `path` with a `show proc` naming `pid` as the master.
+    fn fake_master(path: &std::path::Path, pid: u32) -> tokio::task::JoinHandle<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(path).expect("bind the fake master socket");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                let answer = format!(
+                    "#<PID> <type> <reloads> <uptime> <version>\n{pid} master 0 [failed: 0] 0d00h00m01s 2.6.12\n# workers\n{w} worker 0 0d00h00m01s 2.6.12\n",
+                    w = pid + 1
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_master_this_node_did_not_start_is_never_adopted_nor_signalled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec = |socket: &str| Spec {
+            binary: "/nonexistent/haproxy".into(),
+            master_socket: dir.path().join(socket),
+            config: dir.path().join("haproxy.cfg"),
+            stop_grace: Duration::from_secs(1),
+            state_file: None,
+            restarts: Counter::default(),
+        };
+        assert!(matches!(look(&spec("none.sock")).await, Found::Nothing));
+        // This test process answers as the master: alive, but not started with `-S`.
+        let me = spec("me.sock");
+        let server = fake_master(&me.master_socket, std::process::id());
+        match look(&me).await {
+            Found::Refuse(why) => assert!(why.contains("was not started with `-S"), "{why}"),
+            _ => panic!("a process without -S <socket> was taken for this node's master"),
+        }
+        server.abort();
+        // A PID that is not a live process here (another PID namespace).
+        let ghost = spec("ghost.sock");
+        let server = fake_master(&ghost.master_socket, u32::MAX - 1);
+        match look(&ghost).await {
+            Found::Refuse(why) => assert!(why.contains("not a live process here"), "{why}"),
+            _ => panic!("a PID that does not exist here was taken for this node's master"),
+        }
+        let e = Supervisor::start(ghost, Duration::from_secs(1), Stopper::default())
+            .await
+            .err()
+            .expect("nothing starts beside a master that cannot be vouched for");
+        assert!(e.contains("not a live process here"), "{e}");
+        server.abort();
+    }
+
+    #[test]
+    fn the_argument_after_a_flag() {
+        let args: Vec<&[u8]> = vec![b"haproxy", b"-W", b"-S", b"/run/m.sock,mode,600", b"-f"];
+        assert_eq!(arg_after(&args, "-S"), Some(&b"/run/m.sock,mode,600"[..]));
+        assert_eq!(arg_after(&args, "-f"), None);
+        assert_eq!(arg_after(&args, "-x"), None);
     }
 }
