@@ -380,7 +380,11 @@ fn forward_output(mut child: Child) -> Child {
             let mut line = Vec::new();
             loop {
                 line.clear();
-                match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
+                match (&mut reader)
+                    .take(MAX_LINE)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
