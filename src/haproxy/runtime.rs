@@ -764,7 +764,7 @@ backend be_api
                 // As the file says (CMAINT alone is not maintenance).
                 line("be_web", "srv1", "127.0.0.1", 4, 100, 8001),
                 // A host name: HAProxy's resolver owns its address.
-                line("be_web", "srv4", "10.1.2.3", 0, 3, 5432),
+                line("be_web", "srv4", "127.0.0.9", 0, 3, 5432),
                 // The lame-duck switch is on: haconfd's own, kept.
                 line("_lameduck", "serving", "127.0.0.1", 1, 1, 1),
             )
