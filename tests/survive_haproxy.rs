@@ -16,7 +16,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +24,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::haproxy::{
-    Backend, Daemon, Opts, PidGuard, Workspace, cli_command, http_get, master_pid, pid_alive,
-    signal,
+    Backend, Daemon, Opts, PidGuard, Workspace, cli_command, file_servers, http_get, master_pid,
+    pid_alive, runtime_servers, signal,
 };
 use common::wait_for;
 use haconfd::haproxy::master::{ProcInfo, parse_show_proc};
@@ -190,69 +190,6 @@ impl Node {
             (n == name).then(|| v.trim().parse().ok()).flatten()
         })
     }
-}
-
-/// One server as the file and the runtime socket describe it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Srv {
-    name: String,
-    addr: String,
-    weight: u32,
-    maint: bool,
-}
-
-/// The `server` lines of `backend` in a rendered file.
-fn file_servers(cfg: &str, backend: &str) -> Vec<Srv> {
-    let mut inside = false;
-    let mut out = Vec::new();
-    for line in cfg.lines() {
-        if !line.starts_with(char::is_whitespace) && !line.is_empty() {
-            inside = line.split_whitespace().collect::<Vec<_>>() == ["backend", backend];
-            continue;
-        }
-        let words: Vec<&str> = line
-            .split_whitespace()
-            .take_while(|w| !w.starts_with('#'))
-            .collect();
-        if !inside || words.first() != Some(&"server") {
-            continue;
-        }
-        let weight = words
-            .iter()
-            .position(|w| *w == "weight")
-            .and_then(|i| words.get(i + 1)?.parse().ok())
-            .unwrap_or(1);
-        out.push(Srv {
-            name: words[1].to_owned(),
-            addr: words[2].to_owned(),
-            weight,
-            maint: words.contains(&"disabled"),
-        });
-    }
-    out
-}
-
-/// The servers of `backend` as the running HAProxy has them (`show servers state`).
-fn runtime_servers(socket: &Path, backend: &str) -> Vec<Srv> {
-    let Some(text) = cli_command(socket, &format!("show servers state {backend}")) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 19 || f[1] != backend {
-                return None;
-            }
-            let admin: u32 = f[6].parse().ok()?;
-            Some(Srv {
-                name: f[3].to_owned(),
-                addr: format!("{}:{}", f[4], f[18]),
-                weight: f[7].parse().ok()?,
-                maint: admin & 0x23 != 0,
-            })
-        })
-        .collect()
 }
 
 /// The PIDs holding a socket that listens on 127.0.0.1:`port`: the inodes of `/proc/net/tcp`'s

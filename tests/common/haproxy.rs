@@ -507,3 +507,72 @@ backend {{ s.backend }}
 {%- endfor %}
 {% endfor %}
 "#;
+
+/// One server as the file and the runtime socket describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Srv {
+    pub name: String,
+    pub addr: String,
+    pub weight: u32,
+    pub maint: bool,
+}
+
+/// The `server` lines of `backend` in a rendered file (`weight` defaults to 1 as in HAProxy).
+pub fn file_servers(cfg: &str, backend: &str) -> Vec<Srv> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in cfg.lines() {
+        if !line.starts_with(char::is_whitespace) && !line.is_empty() {
+            inside = line.split_whitespace().collect::<Vec<_>>() == ["backend", backend];
+            continue;
+        }
+        let words: Vec<&str> = line
+            .split_whitespace()
+            .take_while(|w| !w.starts_with('#'))
+            .collect();
+        if !inside || words.first() != Some(&"server") {
+            continue;
+        }
+        let weight = words
+            .iter()
+            .position(|w| *w == "weight")
+            .and_then(|i| words.get(i + 1)?.parse().ok())
+            .unwrap_or(1);
+        out.push(Srv {
+            name: words[1].to_owned(),
+            addr: words[2].to_owned(),
+            weight,
+            maint: words.contains(&"disabled"),
+        });
+    }
+    out
+}
+
+/// The servers of `backend` as the running HAProxy has them (`show servers state`); none
+/// when the socket does not answer.
+pub fn runtime_servers(socket: &Path, backend: &str) -> Vec<Srv> {
+    let Some(text) = cli_command(socket, &format!("show servers state {backend}")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            // be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight
+            // srv_iweight … (18) srv_port
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 19 || f[1] != backend {
+                return None;
+            }
+            let admin: u32 = f[6].parse().ok()?;
+            Some(Srv {
+                name: f[3].to_owned(),
+                addr: format!("{}:{}", f[4], f[18]),
+                weight: f[7].parse().ok()?,
+                // In maintenance: FMAINT 0x01, IMAINT 0x02, RMAINT 0x20 (SRV_ADMF_MAINT).
+                // CMAINT 0x04 only records that the config said `disabled`: it stays after
+                // `set server … state ready`, and the server serves.
+                maint: admin & 0x23 != 0,
+            })
+        })
+        .collect()
+}
