@@ -947,11 +947,12 @@ fn the_lame_duck_fails_the_health_check_and_keeps_serving_and_applying() {
     wait_for(SETTLE, "the monitor URI to fail", || {
         (monitor_status(port) == Some(503)).then_some(())
     });
-    assert!(
-        lb.log().contains("lame duck: the monitor URI answers 503"),
-        "{}",
+    // The log line follows the switch (through the log's own thread): wait for it.
+    wait_for(SETTLE, "the lame duck's start in the log", || {
         lb.log()
-    );
+            .contains("lame duck: the monitor URI answers 503")
+            .then_some(())
+    });
     // Everything else is served, and asks its client to close the connection.
     let head = response_head(port, "web", "/").expect("served during the lame duck");
     assert!(head.starts_with("http/1.1 200"), "{head}");
