@@ -73,6 +73,7 @@ pub fn route(method: &str, path: &str, metrics: &Metrics) -> (&'static str, &'st
                 .source_detail()
                 .into_iter()
                 .chain(metrics.install_detail())
+                .chain(metrics.config_detail())
                 .chain(metrics.held_detail())
                 .map(|l| format!("{l}\n"))
                 .collect();

@@ -727,33 +727,19 @@ impl Applier {
         self.release_at = None;
     }
 
-    /// Reloads the config file and templates (SIGHUP, or a template file changed). A config or
-    /// template that does not load is reported and the current ones stay.
-    pub fn reconfigure(&mut self, path: Option<&std::path::Path>) {
-        let config = match path {
-            Some(p) => Config::load(p),
-            None => Ok(self.config.clone()),
-        };
-        let config = match config {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "new config rejected; keeping the current one");
-                return;
-            }
-        };
-        match Templates::load(&config) {
-            Ok(t) => {
-                if config.haproxy.mode != self.config.haproxy.mode
-                    || config.haproxy.master_socket != self.config.haproxy.master_socket
-                {
-                    tracing::warn!("[haproxy] mode and sockets change only on restart");
-                }
-                self.templates = t;
-                self.config = config;
-                tracing::info!("config and templates reloaded");
-            }
-            Err(e) => tracing::error!(error = %e, "templates rejected; keeping the current ones"),
+    /// Runs on `config` and `templates` from now on (SIGHUP, or a watched file changed) and
+    /// gives back the ones it ran on, so that a caller whose next apply fails on the new
+    /// templates can go back to them.
+    pub fn swap(&mut self, config: Config, templates: Templates) -> (Config, Templates) {
+        if config.haproxy.mode != self.config.haproxy.mode
+            || config.haproxy.master_socket != self.config.haproxy.master_socket
+        {
+            tracing::warn!("[haproxy] mode and sockets change only on restart");
         }
+        (
+            std::mem::replace(&mut self.config, config),
+            std::mem::replace(&mut self.templates, templates),
+        )
     }
 }
 

@@ -16,6 +16,7 @@ use crate::haproxy::{ApplyKind, Controller, install, runtime, supervise, validat
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::reactor::{self, Apply, Event, Work};
+use crate::reconfig::{self, Reloaded, Reloader};
 use crate::render::{Rendered, Templates};
 use crate::source::{self, Update};
 
@@ -341,7 +342,7 @@ pub fn etcd_for_client(config: &Config, urls: &[String]) -> Result<config::EtcdC
 /// The real applier behind the reactor.
 struct Daemon {
     applier: Applier,
-    config_path: Option<PathBuf>,
+    reloader: Reloader,
     notifier: Arc<Notifier>,
     /// `[frontend] lame_duck` in ms (0: none), shared with the signal task; SIGHUP updates it.
     lame_duck_wait: Arc<AtomicU64>,
@@ -349,18 +350,68 @@ struct Daemon {
     last_update: Option<Arc<Update>>,
 }
 
+impl Daemon {
+    /// Reads the config file and templates again and runs on them when they load; returns the
+    /// ones it ran on until then. Files that do not load leave the running ones, and
+    /// `/readyz` says why until a reading loads.
+    fn reconfigure(&mut self) -> Option<(Config, Templates)> {
+        match self.reloader.reload(&self.applier.config) {
+            Reloaded::Unchanged => {
+                tracing::info!("config and templates unchanged; nothing to reload");
+                None
+            }
+            Reloaded::Rejected(why) => {
+                tracing::error!(error = %why, "config or templates rejected; keeping the last good ones");
+                self.applier.metrics.set_config_problem(Some(why));
+                None
+            }
+            Reloaded::New(new) => {
+                let (config, templates) = *new;
+                let previous = self.applier.swap(config, templates);
+                self.applier.metrics.set_config_problem(None);
+                self.take_config();
+                tracing::info!("config and templates reloaded");
+                Some(previous)
+            }
+        }
+    }
+
+    /// Hands the settings that live outside the applier to their owners.
+    fn take_config(&self) {
+        let config = &self.applier.config;
+        self.applier
+            .metrics
+            .set_stale_after(config.admin.stale_after);
+        self.lame_duck_wait
+            .store(lame_duck_millis(config), Ordering::Relaxed);
+    }
+}
+
+/// Whether an apply that failed just after a reload may have failed because of the reloaded
+/// files: a template that does not render, or a config `haproxy -c` rejects. Failures that may
+/// pass by themselves (the disk, a timeout, a reload) say nothing about them: the last good
+/// files would render what is installed, and that proves nothing.
+fn reloaded_files_may_be_at_fault(e: &apply::ApplyError) -> bool {
+    match e {
+        apply::ApplyError::Render(_) => true,
+        apply::ApplyError::Install { source, .. } => matches!(
+            source,
+            install::InstallError::Invalid(validate::ValidateError::Rejected { .. })
+        ),
+        apply::ApplyError::Reload(_) => false,
+    }
+}
+
 impl Apply for Daemon {
     async fn apply(&mut self, update: Option<Arc<Update>>, work: Work) {
         // `master` mode: an HAProxy that its own supervisor restarted is brought back in line
         // with the installed file first, and the latest state is then applied again.
         let restarted = self.applier.watch_haproxy().await;
+        // The config and templates this process ran on before a reload, while the first apply
+        // on the new ones has not yet succeeded.
+        let mut previous = None;
         if work.reconfigure {
-            self.applier.reconfigure(self.config_path.as_deref());
-            self.applier
-                .metrics
-                .set_stale_after(self.applier.config.admin.stale_after);
-            self.lame_duck_wait
-                .store(lame_duck_millis(&self.applier.config), Ordering::Relaxed);
+            previous = self.reconfigure();
         }
         if work.confirm {
             self.applier.confirm();
@@ -394,7 +445,31 @@ impl Apply for Daemon {
             config.hash = tracing::field::Empty,
             apply.kind = tracing::field::Empty,
         );
-        let result = self.applier.apply(&update).instrument(span.clone()).await;
+        let mut result = self.applier.apply(&update).instrument(span.clone()).await;
+        if let (Err(e), Some((config, templates))) = (&result, previous)
+            && reloaded_files_may_be_at_fault(e)
+        {
+            // The new config or templates may be what fails: the last good ones are tried on
+            // the same state, and kept when they pass.
+            let (new_config, new_templates) = self.applier.swap(config, templates);
+            let retried = self.applier.apply(&update).instrument(span.clone()).await;
+            if retried.is_ok() {
+                let why = format!(
+                    "the reloaded config and templates were rejected: {}",
+                    reconfig::one_line(&format!("{e:#}"))
+                );
+                tracing::error!(error = %why, "keeping the last good config and templates");
+                self.applier.metrics.set_config_problem(Some(why));
+                // The same files, sent again, are tried again.
+                self.reloader.forget();
+                result = retried;
+            } else {
+                // The last good ones fail as well: the fault is elsewhere, and the operator's
+                // new files stay.
+                self.applier.swap(new_config, new_templates);
+            }
+            self.take_config();
+        }
         let _in_span = span.enter();
         match result {
             Ok(r) => {
@@ -533,7 +608,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     applier.start_installed().await;
     let daemon = Daemon {
         applier,
-        config_path: cs.path().map(Path::to_path_buf),
+        reloader: Reloader::new(cs.path().map(Path::to_path_buf)),
         notifier: Arc::clone(&notifier),
         lame_duck_wait,
         last_update: None,

@@ -11,6 +11,7 @@
 //! - `isolate`  — one bad registration never freezes the fleet: map haproxy -c errors to services
 //! - `apply`    — one apply: guard → render → install → reload, restoring on failure
 //! - `reactor`  — the event loop: coalescing per `[wait]`, one apply at a time
+//! - `reconfig` — the config file and templates read again (SIGHUP, an edit); unchanged bytes do nothing
 //! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `fleet`    — each node's state published to etcd, and `haconfd fleet`: who has converged
 //! - `lease`    — an etcd lease kept alive by a long-running client (announce, fleet)
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod reactor;
+pub mod reconfig;
 pub mod render;
 pub mod slots;
 pub mod source;

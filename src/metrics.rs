@@ -72,6 +72,10 @@ pub struct Metrics {
     fleet_poke: tokio::sync::Notify,
     /// Installs that fail on the disk, for `/readyz` and two metrics.
     install: InstallStatus,
+    /// 1 while the config file or a template on disk is rejected and the last good ones run.
+    config_rejected: Gauge,
+    /// Why, in one line, for `/readyz`.
+    config_problem: Mutex<Option<String>>,
     registry: Registry,
 }
 
@@ -109,6 +113,8 @@ impl Default for Metrics {
             last_apply: Mutex::new(None),
             fleet_poke: tokio::sync::Notify::new(),
             install: InstallStatus::default(),
+            config_rejected: Gauge::default(),
+            config_problem: Mutex::new(None),
             registry: Registry::with_prefix("haconfd"),
         };
         m.register()
@@ -118,6 +124,11 @@ impl Default for Metrics {
 impl Metrics {
     fn register(mut self) -> Self {
         let r = &mut self.registry;
+        r.register(
+            "config_rejected",
+            "1 while the config file or a template on disk is rejected (syntax, validation, render) and the last good ones keep running",
+            self.config_rejected.clone(),
+        );
         r.register(
             "applies",
             "Applies by kind: none, written, start, runtime (Runtime API, no reload), reload",
@@ -537,6 +548,25 @@ impl Metrics {
         let p = self.install.problem.lock().ok()?;
         p.as_ref()
             .map(|(what, since)| (what.clone(), since.elapsed()))
+    }
+
+    /// The config file or a template on disk was rejected (`Some`, one line saying why) and
+    /// the last good ones keep running, or the latest ones were taken (`None`).
+    pub fn set_config_problem(&self, problem: Option<String>) {
+        self.config_rejected.set(i64::from(problem.is_some()));
+        if let Ok(mut p) = self.config_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    /// A line for `/readyz` while the config or a template on disk is rejected. The node stays
+    /// ready: it serves the last good config, and a bad edit pushed to every node must not take
+    /// the whole fleet out of its load balancer.
+    pub fn config_detail(&self) -> Option<String> {
+        let p = self.config_problem.lock().ok()?;
+        p.as_ref().map(|why| {
+            format!("{why}; running on the last good config and templates until this is fixed")
+        })
     }
 
     /// A line for `/readyz` while installs fail but not yet for longer than `stale_after`.
