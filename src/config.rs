@@ -541,7 +541,51 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let config = Config::parse(&text, &path.display().to_string())?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Checks that the files the config names for later (etcd's TLS files and password) can
+    /// be read now: a missing one is a bad config (exit 64), not an etcd outage to retry.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let SourceKind::Etcd(e) = &self.source.kind else {
+            return Ok(());
+        };
+        let files = [
+            (
+                "etcd.ca_file",
+                &e.ca_file,
+                "the CA certificate (PEM) that signed etcd's",
+            ),
+            (
+                "etcd.cert_file",
+                &e.cert_file,
+                "the client certificate (PEM)",
+            ),
+            (
+                "etcd.key_file",
+                &e.key_file,
+                "the client certificate's key (PEM)",
+            ),
+            (
+                "etcd.password_file",
+                &e.password_file,
+                "a file that holds the password",
+            ),
+        ];
+        for (key, path, what) in files {
+            let Some(path) = path else { continue };
+            if let Err(err) = std::fs::File::open(path) {
+                return Err(invalid(
+                    key,
+                    path.display().to_string(),
+                    format!("cannot be read: {err}"),
+                    format!("point {key} at {what}, readable by this user, or remove it"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The embedded default config.
@@ -872,6 +916,21 @@ fn validate_etcd(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
             "a client certificate needs both cert_file and key_file",
             "set both etcd.cert_file and etcd.key_file, or neither",
         ));
+    }
+    if raw.ca_file.is_some() || raw.cert_file.is_some() {
+        if let Some((i, e)) = raw
+            .endpoints
+            .iter()
+            .enumerate()
+            .find(|(_, e)| !e.starts_with("https://"))
+        {
+            return Err(invalid(
+                format!("etcd.endpoints[{i}]"),
+                e,
+                "is not https:// while etcd.ca_file or etcd.cert_file is set",
+                "write https:// endpoints, or remove the TLS settings",
+            ));
+        }
     }
     if raw.password_file.is_some() && raw.username.is_none() {
         return Err(invalid(

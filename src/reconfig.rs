@@ -102,7 +102,10 @@ impl Reloader {
 fn parse_config(path: &Path, bytes: &[u8]) -> Result<Config, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| format!("config file {} is not UTF-8 text", path.display()))?;
-    Config::parse(text, &path.display().to_string()).map_err(|e| one_line(&e.to_string()))
+    let config =
+        Config::parse(text, &path.display().to_string()).map_err(|e| one_line(&e.to_string()))?;
+    config.check_files().map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 /// A parser's report in one line for the log and `/readyz`: the quoted source and its caret

@@ -15,7 +15,9 @@ use super::{Registration, Shutdown};
 use crate::commands::Failure;
 use crate::config::EtcdConfig;
 use crate::lease::{self, Held, Lost, Opened, not_found as lease_not_found};
-use crate::source::etcd::{BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members};
+use crate::source::etcd::{
+    BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members, backoff_sleep,
+};
 
 /// The revoke on stop: the contract is "gone within a second".
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -124,7 +126,12 @@ async fn failed(
         tracing::warn!(error = %f, endpoints, down_for, attempts = st.failures, retry_in, "etcd unreachable; the registration is renewed when it is back");
     }
     tokio::select! {
-        _ = tokio::time::sleep(delay) => None,
+        changed = backoff_sleep(config, delay) => {
+            if changed {
+                st.backoff.reset();
+            }
+            None
+        }
         s = shutdown.wait() => Some(s),
     }
 }

@@ -126,6 +126,8 @@ impl Failure {
                         "check etcd.username and the password in etcd.password_file"
                     } else if msg.contains("user name is empty") {
                         "etcd has authentication enabled: set etcd.username and etcd.password_file"
+                    } else if msg.contains("permission denied") && writes(what) {
+                        "grant the user a role with readwrite permission on the prefix it writes, e.g. `etcdctl role grant-permission ROLE --prefix=true readwrite /services/`"
                     } else if msg.contains("permission denied") {
                         "grant the user a role that may read every configured source.prefixes"
                     } else {
@@ -161,6 +163,48 @@ impl Failure {
         }
     }
 
+    /// A connection that failed before etcd said anything can mean the wrong TLS setup, and
+    /// tonic only says that the connection was reset or closed: the hint names the setting.
+    fn with_connect_hint(mut self, config: &EtcdConfig) -> Failure {
+        if self.kind == Kind::Auth || self.kind == Kind::Compacted {
+            return self;
+        }
+        let m = self.message.to_ascii_lowercase();
+        let tls = config.ca_file.is_some() || config.cert_file.is_some();
+        let plain = config.endpoints.iter().any(|e| e.starts_with("http://"));
+        let dropped = [
+            "connection reset",
+            "connection closed",
+            "broken pipe",
+            "protocol error",
+        ]
+        .iter()
+        .any(|p| m.contains(p));
+        let hint = if !tls && plain && dropped {
+            Some("if this etcd serves TLS, write https:// endpoints and set etcd.ca_file")
+        } else if tls
+            && config.cert_file.is_none()
+            && (dropped
+                || m.contains("certificate required")
+                || m.contains("badcertificate")
+                || m.contains("handshake"))
+        {
+            Some(
+                "if etcd asks for client certificates (--client-cert-auth), set etcd.cert_file and etcd.key_file",
+            )
+        } else if tls && (m.contains("unknownissuer") || m.contains("invalid peer certificate")) {
+            Some(
+                "etcd's certificate is not signed by etcd.ca_file: point it at the CA that signed etcd's certificate",
+            )
+        } else {
+            None
+        };
+        if let Some(hint) = hint {
+            self.message.push_str(&format!(" ({hint})"));
+        }
+        self
+    }
+
     pub(crate) fn timeout(what: &str, after: Duration) -> Failure {
         Failure::new(
             Kind::Unavailable,
@@ -173,6 +217,13 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
     }
+}
+
+/// Whether the call named `what` writes (a put, a delete, a lease), as opposed to a read.
+fn writes(what: &str) -> bool {
+    ["put", "delete", "lease", "txn", "revoke"]
+        .iter()
+        .any(|w| what.starts_with(w))
 }
 
 /// An error with its causes: tonic's transport errors say little at the top.
@@ -214,6 +265,33 @@ fn read_password(config: &EtcdConfig) -> Result<Option<Password>, Failure> {
         .map(|t| t.strip_suffix('\r').unwrap_or(t))
         .unwrap_or(&text);
     Ok(Some(Password(text.to_owned())))
+}
+
+/// How often a client that failed looks at `etcd.password_file` for a fix.
+const PASSWORD_POLL: Duration = Duration::from_millis(250);
+
+/// Waits out `delay`, or less when `etcd.password_file` changes meanwhile: an operator who fixed
+/// a refused password should not wait out a backoff of up to 10 s. The file is compared, not
+/// watched, so a secret swapped through a symlink (Kubernetes) counts too, and it is only read
+/// while etcd fails. Returns true when the file changed.
+pub(crate) async fn backoff_sleep(config: &EtcdConfig, delay: Duration) -> bool {
+    let Some(path) = &config.password_file else {
+        tokio::time::sleep(delay).await;
+        return false;
+    };
+    let before = std::fs::read(path).ok();
+    let until = tokio::time::Instant::now() + delay;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        tokio::time::sleep(left.min(PASSWORD_POLL)).await;
+        if std::fs::read(path).ok() != before {
+            tracing::info!(file = %path.display(), "etcd.password_file changed; connecting again now");
+            return true;
+        }
+    }
 }
 
 fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, Failure> {
@@ -280,11 +358,11 @@ async fn connect_status(
         tokio::time::timeout(deadline, Client::connect(&config.endpoints, Some(options)))
             .await
             .map_err(|_| Failure::timeout("connect", deadline))?
-            .map_err(|e| Failure::from_etcd("connect", &e, user))?;
+            .map_err(|e| Failure::from_etcd("connect", &e, user).with_connect_hint(config))?;
     let status = tokio::time::timeout(deadline, client.status())
         .await
         .map_err(|_| Failure::timeout("status", deadline))?
-        .map_err(|e| Failure::from_etcd("status", &e, user))?;
+        .map_err(|e| Failure::from_etcd("status", &e, user).with_connect_hint(config))?;
     Ok((client, status))
 }
 
@@ -694,7 +772,9 @@ impl Watcher {
             };
             tracing::warn!(error = %f, down_for, attempts = self.failures, retry_in, "{what}; {keeping}");
         }
-        tokio::time::sleep(delay).await;
+        if backoff_sleep(&self.config, delay).await {
+            self.backoff.reset();
+        }
     }
 
     /// Called when etcd answered a full read or a watch was created.
