@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 )]
 pub struct Cli {
     /// Config file. Without it (and without HACONFD_CONFIG), /etc/haconfd/haconfd.toml, and when
-    /// that does not exist the embedded default (file source over examples/registry.yaml).
+    /// that does not exist the embedded default (file source over run/registry.yaml, which `scripts/demo` copies from examples/registry.yaml).
     #[arg(long, global = true, env = "HACONFD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log format on stderr.

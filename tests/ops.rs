@@ -29,14 +29,30 @@ fn read(rel: &str) -> String {
 }
 
 /// Runs haconfd from the repository root (relative paths in examples/ resolve there).
-fn haconfd_in_repo(args: &[&str]) -> Output {
-    Command::new(haconfd_bin())
+/// Runs haconfd on the embedded default as `scripts/demo` sets it up: in a directory with the
+/// repository's templates and `run/registry.yaml`, a copy of `examples/registry.yaml` (the
+/// demo's copy, which a user may edit, is never read). Returns the output and the directory,
+/// which the render names in its socket paths.
+fn haconfd_on_the_example(args: &[&str]) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(repo().join("templates"), dir.path().join("templates"))
+        .expect("link templates");
+    std::fs::create_dir(dir.path().join("run")).expect("run dir");
+    std::fs::copy(
+        repo().join("examples/registry.yaml"),
+        dir.path().join("run/registry.yaml"),
+    )
+    .expect("copy the example registry");
+    let out = Command::new(haconfd_bin())
         .args(args)
+        .arg("--config")
+        .arg(repo().join("examples/haconfd.toml"))
         .env_remove("HACONFD_CONFIG")
         .env_remove("HACONFD_LOG")
-        .current_dir(repo())
+        .current_dir(dir.path())
         .output()
-        .expect("run haconfd")
+        .expect("run haconfd");
+    (out, dir)
 }
 
 /// Asserts every stderr line is a JSON object with a level and a message; returns them.
@@ -62,15 +78,13 @@ fn json_lines(out: &Output) -> Vec<serde_json::Value> {
 fn json_logs_are_one_object_per_line_including_the_final_error() {
     // The embedded default's render from the repository root logs nothing at info; what it
     // does log must still be JSON.
-    let out = haconfd_in_repo(&[
+    let (out, _dir) = haconfd_on_the_example(&[
         "--log-format",
         "json",
         "--log-level",
         "debug",
         "render",
         "--print",
-        "--config",
-        "examples/haconfd.toml",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!out.stdout.is_empty());
@@ -562,16 +576,16 @@ fn sample_render_snapshot_matches_the_embedded_default() {
         read("README.md").contains("docs/sample-render.cfg"),
         "the README points at the sample"
     );
-    let out = haconfd_in_repo(&["render", "--print", "--config", "examples/haconfd.toml"]);
+    let (out, dir) = haconfd_on_the_example(&["render", "--print"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    // The socket and state paths are made absolute from the checkout's directory, which differs
-    // between machines: the sample shows them as `<repo>`.
-    let root = repo().display().to_string();
+    // The socket and state paths are made absolute from the working directory, which differs
+    // between runs: the sample shows it as `<repo>`, where `scripts/demo` runs.
+    let root = dir.path().display().to_string();
     let got = String::from_utf8_lossy(&out.stdout)
         .replace(&root, "<repo>")
         .into_bytes();
     let path = repo().join("docs/sample-render.cfg");
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some_and(|v| v == "1") {
         std::fs::write(&path, &got).expect("write snapshot");
     }
     let want = std::fs::read(&path).unwrap_or_default();
