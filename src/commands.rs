@@ -481,6 +481,9 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     watched.extend(cs.path().map(Path::to_path_buf));
     let (watcher, mut changes) =
         source::file::FileWatcher::start(&watched).map_err(|e| Failure::Runtime(e.into()))?;
+    if watcher.polling() {
+        metrics.file_watch_polling.inc();
+    }
     let etx = tx.clone();
     tokio::spawn(async move {
         let _watcher = watcher;
