@@ -456,6 +456,9 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let config = cs.load()?;
     let templates = load_templates(&config)?;
     let metrics = Arc::new(Metrics::default());
+    // Before any process starts: orphans handed to haconfd (as PID 1, or as the subreaper of
+    // its reload command's double-forked grandchildren) never stay zombies.
+    crate::haproxy::children::reap_orphans(metrics.orphans_reaped.clone());
     let notifier = Arc::new(Notifier::from_env());
     let (tx, rx) = mpsc::channel::<Event>(1024);
 
