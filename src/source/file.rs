@@ -167,7 +167,7 @@ impl FileWatcher {
                         files = %what,
                         error = %e.message,
                         interval = ?POLL_INTERVAL,
-                        "cannot watch files with inotify (a limit is reached: the user's inotify instances or watches, or open files); polling them instead, so changes apply up to the interval late. Fix: raise fs.inotify.max_user_instances and fs.inotify.max_user_watches (sysctl), or the open-file limit; haconfd_file_watch_polling counts the watches that poll"
+                        "cannot watch files with inotify: a limit is reached (the user's inotify instances or watches, or open files); polling them instead, so a change applies up to one interval late. Fix: raise the sysctls fs.inotify.max_user_instances and fs.inotify.max_user_watches (or the open-file limit) and restart haconfd"
                     );
                 }
                 Ok((
