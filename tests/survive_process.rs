@@ -213,7 +213,7 @@ fn a_reload_commands_orphans_are_reaped_when_haconfd_is_pid_1() {
 /// subreaper): they neither pile up on the host's init nor stay zombies. Needs no root.
 #[test]
 fn a_reload_commands_orphans_come_back_to_haconfd_and_are_reaped() {
-    let ws = command_workspace("(sleep 1 </dev/null >/dev/null 2>&1 &); exit 0");
+    let ws = command_workspace("(sleep 2 </dev/null >/dev/null 2>&1 &); exit 0");
     let mut daemon = ws.spawn_run();
     let haconfd = daemon.pid();
     wait_for(SETTLE, "the first apply", || {
