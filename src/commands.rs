@@ -531,6 +531,9 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     let config = cs.load()?;
     let templates = load_templates(&config)?;
     let metrics = Arc::new(Metrics::default());
+    // Before any process starts: orphans handed to haconfd (as PID 1, or as the subreaper of
+    // its reload command's double-forked grandchildren) never stay zombies.
+    crate::haproxy::children::reap_orphans(metrics.orphans_reaped.clone());
     let notifier = Arc::new(Notifier::from_env());
     let (tx, rx) = mpsc::channel::<Event>(1024);
 
@@ -556,6 +559,9 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     watched.extend(cs.path().map(Path::to_path_buf));
     let (watcher, mut changes) =
         source::file::FileWatcher::start(&watched).map_err(|e| Failure::Runtime(e.into()))?;
+    if watcher.polling() {
+        metrics.file_watch_polling.inc();
+    }
     let etx = tx.clone();
     tokio::spawn(async move {
         let _watcher = watcher;

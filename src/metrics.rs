@@ -37,6 +37,12 @@ pub struct Metrics {
     /// HAProxy masters that died and were started again (supervise), or that their own
     /// supervisor restarted (master mode, as haconfd noticed).
     pub haproxy_restarts: Counter,
+    /// The file watches (the registry file's; the templates' and config's) that poll their
+    /// files because inotify is out of instances or watches.
+    pub file_watch_polling: Gauge,
+    /// Orphaned processes (a reload command's double-forked grandchild, say) that the kernel
+    /// handed to haconfd as PID 1 or child subreaper, and that it reaped.
+    pub orphans_reaped: Counter,
     pub render_seconds: Histogram,
     pub validate_seconds: Histogram,
     pub reload_seconds: Histogram,
@@ -89,6 +95,8 @@ impl Default for Metrics {
             runtime_failures: Counter::default(),
             guard_holds: Counter::default(),
             haproxy_restarts: Counter::default(),
+            file_watch_polling: Gauge::default(),
+            orphans_reaped: Counter::default(),
             render_seconds: Histogram::new(buckets()),
             validate_seconds: Histogram::new(buckets()),
             reload_seconds: Histogram::new(buckets()),
@@ -163,6 +171,16 @@ impl Metrics {
             "haproxy_restarts",
             "HAProxy masters that died (killed, or their worker killed) and were started again on the installed config (supervise), or that their own supervisor restarted (master mode)",
             self.haproxy_restarts.clone(),
+        );
+        r.register(
+            "file_watch_polling",
+            "File watches (registry file; templates and config) that poll every second because inotify is out of instances or watches (raise fs.inotify.max_user_instances / max_user_watches); 0 when inotify works",
+            self.file_watch_polling.clone(),
+        );
+        r.register(
+            "orphans_reaped",
+            "Orphaned processes (a reload command's double-forked grandchild, say) re-parented to haconfd as PID 1 or child subreaper, and reaped",
+            self.orphans_reaped.clone(),
         );
         r.register(
             "render_seconds",

@@ -1,6 +1,7 @@
 //! Everything that starts processes or touches the live config: `haproxy -c`, atomic install,
 //! the master socket, the supervised HAProxy, and reload commands.
 
+pub mod children;
 pub mod install;
 pub mod master;
 pub mod runtime;
@@ -38,13 +39,13 @@ pub(crate) enum Finished {
 /// Runs `cmd` with stdin closed and its output captured, in a process group of its own that is
 /// killed whole when it runs longer than `timeout`. An error means it could not be run.
 pub(crate) async fn run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<Finished> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()?;
+    let child = children::spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true),
+    )?;
     let pid = child.id();
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(out) => {
@@ -503,11 +504,17 @@ async fn run_command(argv: &[String], timeout: Duration) -> Result<(), ReloadErr
 
 /// The first line of `haproxy -v`, for `haconfd version`.
 pub async fn version(binary: &str) -> String {
-    let out = Command::new(binary)
-        .arg("-v")
-        .stdin(Stdio::null())
-        .output()
-        .await;
+    let child = children::spawn(
+        Command::new(binary)
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let out = match child {
+        Ok(c) => c.wait_with_output().await,
+        Err(e) => Err(e),
+    };
     match out {
         Ok(o) => String::from_utf8_lossy(&o.stdout)
             .lines()

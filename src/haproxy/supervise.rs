@@ -345,8 +345,8 @@ fn spawn(spec: &Spec) -> std::io::Result<Child> {
     }
     let mut sock = spec.master_socket.clone().into_os_string();
     sock.push(",mode,600");
-    Command::new(&spec.binary)
-        .arg("-W")
+    let mut cmd = Command::new(&spec.binary);
+    cmd.arg("-W")
         .arg("-S")
         .arg(sock)
         .arg("-f")
@@ -364,9 +364,8 @@ fn spawn(spec: &Spec) -> std::io::Result<Child> {
         // stderr nobody reads wedged on a full pipe, and stopped answering its own soft stop.
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(false)
-        .spawn()
-        .map(forward_output)
+        .kill_on_drop(false);
+    super::children::spawn(&mut cmd).map(forward_output)
 }
 
 /// Reads the child's stdout and stderr line by line into the log until it closes them.

@@ -79,6 +79,9 @@ pub fn spawn_watch(
     };
     // Watch before the first read, so that a change between the two is not missed.
     let (watcher, mut changes) = file::FileWatcher::start(std::slice::from_ref(&f.path))?;
+    if watcher.polling() {
+        metrics.file_watch_polling.inc();
+    }
     let (f, prefixes) = (f.clone(), config.source.prefixes.clone());
     Ok(tokio::spawn(async move {
         let _watcher = watcher;
