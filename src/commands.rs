@@ -362,7 +362,9 @@ impl Daemon {
             }
             Reloaded::Rejected(why) => {
                 tracing::error!(error = %why, "config or templates rejected; keeping the last good ones");
-                self.applier.metrics.set_config_problem(Some(why));
+                self.applier
+                    .metrics
+                    .set_config_problem(Some(format!("config or templates rejected: {why}")));
                 None
             }
             Reloaded::New(new) => {
@@ -455,7 +457,7 @@ impl Apply for Daemon {
             let retried = self.applier.apply(&update).instrument(span.clone()).await;
             if retried.is_ok() {
                 let why = format!(
-                    "the reloaded config and templates were rejected: {}",
+                    "config and templates rejected on their first apply: {}",
                     reconfig::one_line(&format!("{e:#}"))
                 );
                 tracing::error!(error = %why, "keeping the last good config and templates");

@@ -93,15 +93,16 @@ impl Case {
         })
     }
 
-    /// HAProxy's reload counter, from the master's `show proc`.
+    /// HAProxy's reload counter, from the master's `show proc` (which does not answer while
+    /// HAProxy re-executes for a reload).
     fn reloads(&self) -> u32 {
-        let out =
-            common::haproxy::cli_command(&self.ws.master_socket(), "show proc").expect("show proc");
-        out.lines()
-            .find(|l| l.contains("master"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no reload counter in {out}"))
+        wait_for(SETTLE, "the master's reload counter", || {
+            let out = common::haproxy::cli_command(&self.ws.master_socket(), "show proc")?;
+            out.lines()
+                .find(|l| l.contains("master"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|n| n.parse().ok())
+        })
     }
 
     fn sighups(&self, n: usize) {
@@ -122,7 +123,10 @@ impl Case {
     }
 
     fn stop(mut self) {
-        let master = master_pid(&self.ws.master_socket()).expect("master pid");
+        // The master socket does not answer while HAProxy re-executes for a reload.
+        let master = wait_for(SETTLE, "the master's PID", || {
+            master_pid(&self.ws.master_socket())
+        });
         self.daemon.stop_with_master(master);
     }
 }
@@ -194,7 +198,7 @@ fn a_template_that_does_not_parse_keeps_the_last_good_one() {
     });
     wait_for(SETTLE, "/readyz without the note", || {
         case.get("/readyz")
-            .filter(|(s, b)| *s == 200 && !b.contains("rejected"))
+            .filter(|(s, b)| *s == 200 && !b.contains("last good config"))
     });
     assert_eq!(case.metric("haconfd_config_rejected"), Some(0.0));
     case.stop();
@@ -259,7 +263,7 @@ fn a_config_edited_into_an_invalid_one_keeps_the_last_good_one() {
     common::write_atomic(&case.ws.config, good.as_bytes());
     wait_for(SETTLE, "/readyz without the note", || {
         case.get("/readyz")
-            .filter(|(s, b)| *s == 200 && !b.contains("rejected"))
+            .filter(|(s, b)| *s == 200 && !b.contains("last good config"))
     });
     assert_eq!(case.metric("haconfd_config_rejected"), Some(0.0));
     case.stop();
