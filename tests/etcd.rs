@@ -806,15 +806,18 @@ fn daemon_metric(d: &Daemon, name: &str) -> Option<f64> {
 }
 
 /// Puts `key` through the first member of `members` that takes it, retrying (bounded) while
-/// none can; returns the revision.
+/// none can; returns the revision. Each try has 300 ms: a put on a member that still follows
+/// a leader cut off from it waits for that leader, and is better tried again.
 fn put_through(cluster: &Cluster, members: &[usize], key: &str, value: &str) -> i64 {
     wait_for(
         CONVERGE,
         &format!("the majority to take a put of {key}"),
         || {
-            members
-                .iter()
-                .find_map(|&m| cluster.put_on(m, key, value).ok())
+            members.iter().find_map(|&m| {
+                cluster
+                    .put_on(m, Duration::from_millis(300), key, value)
+                    .ok()
+            })
         },
     )
 }
@@ -1011,9 +1014,15 @@ fn announce_on_a_cut_off_member_keeps_its_lease() {
     let (_, lease) = wait_for(CONVERGE, "announce's key", || {
         entry_on(&cluster, 1, key).ok().flatten()
     });
+    // The lease was granted (a fresh TTL) just before the key appeared.
+    let granted = Instant::now();
     wait_for(CONVERGE, "announce's keep-alive stream on member 0", || {
         (cluster.lease_keep_alive_streams(0) >= 1.0).then_some(())
     });
+    // The worst moment to lose the member: just before the first keep-alive (due a third of
+    // the TTL after the grant), so the lease has two thirds of its TTL left on the leader.
+    std::thread::sleep((TTL / 3).saturating_sub(granted.elapsed() + Duration::from_millis(150)));
+    let left = TTL.saturating_sub(granted.elapsed());
 
     let cut = Instant::now();
     cluster.partition(0);
@@ -1038,7 +1047,8 @@ fn announce_on_a_cut_off_member_keeps_its_lease() {
     }
     let log = a.log();
     println!(
-        "announce on member 0, cut off: keep-alive moved to the majority after {:?} ms; key absent at {:?} ms after the cut; leases seen {:x?}",
+        "announce on member 0, cut off with about {} ms left on its lease: keep-alive moved to the majority after {:?} ms; key absent at {:?} ms after the cut; leases seen {:x?}",
+        left.as_millis(),
         moved.map(|m| m.as_millis()),
         absent,
         leases

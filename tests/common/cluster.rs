@@ -408,9 +408,19 @@ impl Cluster {
         i: usize,
         f: impl AsyncFn(&mut Client) -> Result<T, etcd_client::Error>,
     ) -> Result<T, String> {
+        self.with_member_within(i, CALL_TIMEOUT, f)
+    }
+
+    /// Runs `f` against member `i` only, bounded by `timeout`.
+    pub fn with_member_within<T>(
+        &self,
+        i: usize,
+        timeout: Duration,
+        f: impl AsyncFn(&mut Client) -> Result<T, etcd_client::Error>,
+    ) -> Result<T, String> {
         let ep = self.members[i].endpoint();
         let r = self.rt.block_on(async {
-            tokio::time::timeout(CALL_TIMEOUT, async {
+            tokio::time::timeout(timeout, async {
                 let mut c = Client::connect([ep.as_str()], Some(Self::options())).await?;
                 f(&mut c).await
             })
@@ -419,13 +429,19 @@ impl Cluster {
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(format!("{ep}: {e}")),
-            Err(_) => Err(format!("{ep}: timed out after {CALL_TIMEOUT:?}")),
+            Err(_) => Err(format!("{ep}: timed out after {timeout:?}")),
         }
     }
 
-    /// Puts one key through member `i` only; returns the revision.
-    pub fn put_on(&self, i: usize, key: &str, value: &str) -> Result<i64, String> {
-        self.with_member(i, async |c| {
+    /// Puts one key through member `i` only, within `timeout`; returns the revision.
+    pub fn put_on(
+        &self,
+        i: usize,
+        timeout: Duration,
+        key: &str,
+        value: &str,
+    ) -> Result<i64, String> {
+        self.with_member_within(i, timeout, async |c| {
             let r = c.put(key, value, None).await?;
             Ok(r.header().map(|h| h.revision()).unwrap_or(0))
         })
