@@ -1,7 +1,9 @@
 //! An etcd lease held by a long-running client: announce's registration and the fleet view's
 //! node key. In: a connected client, the lease held before (if any) and a TTL. Out: the lease,
 //! resumed when etcd still knows it (a lease survives an etcd restart) or granted anew, kept
-//! alive every TTL/3 until etcd stops answering or forgets it.
+//! alive every TTL/3 until etcd stops answering, forgets it, or the member in use no longer
+//! knows a leader (asked every TTL/10, 0.5 to 10 s: a member cut off from the others cannot
+//! renew the lease, and would otherwise be left only when etcd cancels the stream).
 //!
 //! Both holders connect the same way ([`connect`]) and tell the same two endings apart
 //! ([`Lost`]): a lease etcd no longer knows is replaced at once, anything else is retried

@@ -6,8 +6,9 @@
 //! be noticed) are printed, not asserted.
 //!
 //! With a 3-member cluster (issue 11, etcd as a cluster): the watch moves to a live member
-//! when the one it reads from dies as the leader, or freezes, and misses no event; a member
-//! without a leader is never read as an empty registry.
+//! when the one it reads from dies as the leader, freezes, or is cut off from the other two
+//! (as leader or follower), and misses no event; a member without a leader is never read as
+//! an empty registry; `announce` on a member that is cut off keeps its lease.
 
 mod common;
 

@@ -6,6 +6,9 @@
 //!   it a frozen etcd (SIGSTOP, a hung host) leaves the watch waiting forever with no error.
 //!   Every unary call also has a deadline, since keep-alive only runs once a connection is up.
 //! - `Client::connect` succeeds when nothing listens, so a connection is proven with `status()`.
+//! - Every 500 ms the watch asks its member whether it still knows a leader: a member cut off
+//!   from the others keeps the watch open with no events and answers pings and progress
+//!   requests, and etcd cancels it only after three election timeouts without a leader.
 //! - A full read gets the first prefix at the current revision and every other prefix at that
 //!   same revision, so the snapshot is one consistent state.
 //! - The watch starts at the read's revision + 1 and, after any failure, resumes at the last
