@@ -1,7 +1,9 @@
 //! An etcd lease held by a long-running client: announce's registration and the fleet view's
 //! node key. In: a connected client, the lease held before (if any) and a TTL. Out: the lease,
 //! resumed when etcd still knows it (a lease survives an etcd restart) or granted anew, kept
-//! alive every TTL/3 until etcd stops answering or forgets it.
+//! alive every TTL/3 until etcd stops answering, forgets it, or the member in use no longer
+//! knows a leader (asked every TTL/10, 0.5 to 10 s: a member cut off from the others cannot
+//! renew the lease, and would otherwise be left only when etcd cancels the stream).
 //!
 //! Both holders connect the same way ([`connect`]) and tell the same two endings apart
 //! ([`Lost`]): a lease etcd no longer knows is replaced at once, anything else is retried
@@ -9,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, MaintenanceClient};
 
 use crate::config::EtcdConfig;
 use crate::source::etcd::{self, Failure as EtcdFailure, Kind, Members};
@@ -27,6 +29,13 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const CALL_DEADLINE: Duration = Duration::from_secs(2);
 /// A keep-alive not answered this long (or one interval, when longer) ends the session.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How often the holder asks its member whether it still knows a leader
+/// ([`etcd::leader_known`]): a tenth of the TTL, within these bounds. A member cut off from
+/// the others cannot renew the lease, and the lease counts down on the leader from the last
+/// renewal, up to a third of the TTL before the cut: with a 5 s TTL, 3.3 s may be left, and
+/// etcd's own cancel of the keep-alive stream comes 4 to 6 s after the cut.
+const LEADER_CHECK_MIN: Duration = Duration::from_millis(500);
+const LEADER_CHECK_MAX: Duration = Duration::from_secs(10);
 
 /// Connects to one member that answers and knows a leader (see [`Members`]), with the
 /// config's TLS and auth and the lease holder's pings.
@@ -92,6 +101,9 @@ pub(crate) struct Held {
     answer_within: Duration,
     /// When the oldest unanswered keep-alive went out.
     unanswered: Option<Instant>,
+    /// Asks the member whether it knows a leader, every `leader_check`.
+    maintenance: MaintenanceClient,
+    leader_check: tokio::time::Interval,
 }
 
 impl Held {
@@ -110,7 +122,7 @@ impl Held {
         if let Some(id) = *lease {
             match call("lease keep-alive", deadline, user, lc.keep_alive(id)).await {
                 Ok((keeper, stream)) => {
-                    return Ok((Held::new(id, keeper, stream, ttl), Opened::Resumed));
+                    return Ok((Held::new(client, id, keeper, stream, ttl), Opened::Resumed));
                 }
                 Err(Lost::Lease(why)) => {
                     *lease = None;
@@ -133,13 +145,22 @@ impl Held {
             ttl: granted.ttl(),
             replaced,
         };
-        Ok((Held::new(id, keeper, stream, ttl), opened))
+        Ok((Held::new(client, id, keeper, stream, ttl), opened))
     }
 
-    fn new(id: i64, keeper: LeaseKeeper, stream: LeaseKeepAliveStream, ttl: Duration) -> Held {
+    fn new(
+        client: &Client,
+        id: i64,
+        keeper: LeaseKeeper,
+        stream: LeaseKeepAliveStream,
+        ttl: Duration,
+    ) -> Held {
         let interval = (ttl / 3).max(Duration::from_secs(1));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = (ttl / 10).clamp(LEADER_CHECK_MIN, LEADER_CHECK_MAX);
+        let mut leader_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        leader_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Held {
             id,
             keeper,
@@ -147,6 +168,8 @@ impl Held {
             ticker,
             answer_within: interval.max(ANSWER_WITHIN),
             unanswered: None,
+            maintenance: client.maintenance_client(),
+            leader_check,
         }
     }
 
@@ -176,6 +199,13 @@ impl Held {
                         return Lost::Failed(EtcdFailure::new(Kind::Unavailable, format!("lease keep-alive: {e}")));
                     }
                     self.unanswered.get_or_insert_with(Instant::now);
+                }
+                _ = self.leader_check.tick() => {
+                    // A member cut off from its cluster cannot renew the lease: move on
+                    // while the lease still runs on the leader.
+                    if let Err(f) = etcd::leader_known(&mut self.maintenance, CALL_DEADLINE, user).await {
+                        return Lost::Failed(f);
+                    }
                 }
             }
         }

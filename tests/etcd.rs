@@ -6,8 +6,9 @@
 //! be noticed) are printed, not asserted.
 //!
 //! With a 3-member cluster (issue 11, etcd as a cluster): the watch moves to a live member
-//! when the one it reads from dies as the leader, or freezes, and misses no event; a member
-//! without a leader is never read as an empty registry.
+//! when the one it reads from dies as the leader, freezes, or is cut off from the other two
+//! (as leader or follower), and misses no event; a member without a leader is never read as
+//! an empty registry; `announce` on a member that is cut off keeps its lease.
 
 mod common;
 
@@ -742,4 +743,337 @@ fn a_member_without_a_leader_is_never_read_as_an_empty_registry() {
         "once the member has a leader again",
     );
     assert_eq!(d.lines().map(|l| l.len()), Some(3));
+}
+
+/// Samples dest every 10 ms on its own thread while a test cuts a member off: instances are
+/// only added meanwhile, so every sample must hold every line of `floor`.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Sampler {
+    fn start(dest: PathBuf, floor: BTreeSet<String>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut samples, mut bad) = (0, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::SeqCst) && Instant::now() < deadline {
+                samples += 1;
+                match server_lines(&dest) {
+                    None => bad.push("dest missing".to_owned()),
+                    Some(lines) => {
+                        if let Some(lost) = floor.difference(&lines).next() {
+                            bad.push(format!("{} lines, {lost:?} lost", lines.len()));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (samples, bad)
+        });
+        Sampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; how many samples were taken and the ones that lost a line.
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("sampling")
+            .join()
+            .expect("sampler thread")
+    }
+}
+
+/// haconfd's admin `/metrics` value of `name` (the daemon's admin port is in its config).
+fn daemon_metric(d: &Daemon, name: &str) -> Option<f64> {
+    let config = std::fs::read_to_string(&d.config).ok()?;
+    let port: u16 = config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))?
+        .trim_end_matches('"')
+        .parse()
+        .ok()?;
+    let r = common::haproxy::http_get(port, "127.0.0.1", "/metrics").ok()?;
+    r.body.lines().find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// Puts `key` through the first member of `members` that takes it, retrying (bounded) while
+/// none can; returns the revision. Each try has 300 ms: a put on a member that still follows
+/// a leader cut off from it waits for that leader, and is better tried again.
+fn put_through(cluster: &Cluster, members: &[usize], key: &str, value: &str) -> i64 {
+    wait_for(
+        CONVERGE,
+        &format!("the majority to take a put of {key}"),
+        || {
+            members.iter().find_map(|&m| {
+                cluster
+                    .put_on(m, Duration::from_millis(300), key, value)
+                    .ok()
+            })
+        },
+    )
+}
+
+/// haconfd reads from member 0 (first in `[etcd] endpoints`), which is then cut off from the
+/// other two; `zero_leads`: whether member 0 is the leader when cut. Changes made through the
+/// majority must all reach dest, by the watch (no re-read: the revision continues), and dest
+/// must never lose an instance on the way.
+fn the_watch_leaves_a_cut_off_member(zero_leads: bool) {
+    let cluster = Cluster::start_partitionable();
+    cluster.move_leader(if zero_leads { 0 } else { 1 });
+    let d = cluster_daemon(&cluster);
+    // The watch is on member 0: it serves haconfd's two watchers (one per prefix).
+    wait_for(CONVERGE, "haconfd's two watchers on member 0", || {
+        (cluster.watchers(0) == Some(2.0)).then_some(())
+    });
+    assert_eq!(
+        (cluster.watchers(1), cluster.watchers(2)),
+        (Some(0.0), Some(0.0))
+    );
+    let before = d.lines().expect("dest");
+    let rev_before = cluster.revision();
+    let sampler = Sampler::start(d.dest(), before.clone());
+
+    let cut = Instant::now();
+    cluster.partition(0);
+    let first = put_through(&cluster, &[1, 2], "/services/web/cut0", &addr(40));
+    let first_put = cut.elapsed();
+    let line = format!("server web/cut0 {}", addr(40));
+    wait_for(CONVERGE, "the first change after the cut in dest", || {
+        d.lines().is_some_and(|l| l.contains(&line)).then_some(())
+    });
+    let first_served = cut.elapsed();
+    let mut revisions = vec![first];
+    for k in 1..5 {
+        let key = format!("/services/web/cut{k}");
+        revisions.push(put_through(&cluster, &[1, 2], &key, &addr(40 + k)));
+    }
+    d.converge(&cluster_expected(&cluster), "every change after the cut");
+    let all_served = cut.elapsed();
+    let (samples, lost) = sampler.finish();
+
+    // The revision continues: the puts' revisions rise from where the cluster was (haconfd's
+    // own fleet-view key takes some too), and haconfd applied the last one, by its watch (a
+    // single full read, at start).
+    assert!(revisions[0] > rev_before, "{rev_before} then {revisions:?}");
+    assert!(revisions.windows(2).all(|w| w[1] > w[0]), "{revisions:?}");
+    let last = *revisions.last().expect("revisions");
+    wait_for(
+        CONVERGE,
+        "haconfd_applied_revision to reach the last put",
+        || (daemon_metric(&d, "haconfd_applied_revision") == Some(last as f64)).then_some(()),
+    );
+    let log = d.log();
+    assert_eq!(count(&log, "full read of etcd"), 1, "{log}");
+    // Nothing was held back by the guard either.
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("held="))
+            .all(|l| l.contains("held=[] held_back=[]")),
+        "{log}"
+    );
+    assert!(
+        lost.is_empty(),
+        "dest lost instances in {} of {samples} samples: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    // The watch left member 0 for a member of the majority.
+    assert_eq!(cluster.watchers(0), Some(0.0), "{log}");
+    assert_eq!(
+        cluster.watchers(1).unwrap_or(0.0) + cluster.watchers(2).unwrap_or(0.0),
+        2.0
+    );
+    let left = log
+        .lines()
+        .find(|l| l.contains("etcd watch failed; reconnecting"))
+        .unwrap_or("(no failure logged)");
+    println!(
+        "member 0 cut off (leader: {zero_leads}): first put accepted by the majority after {} ms, served in dest after {} ms, 5 puts served after {} ms; {samples} samples of dest, none lost an instance; the watch left with: {left}",
+        first_put.as_millis(),
+        first_served.as_millis(),
+        all_served.as_millis()
+    );
+    if std::env::var_os("HACONFD_TEST_SHOW_LOG").is_some() {
+        for l in cluster.peer_log() {
+            eprintln!("peer: {l}");
+        }
+    }
+
+    // Healed: member 0 rejoins, and later changes still arrive.
+    cluster.heal(0);
+    wait_for(CONVERGE, "member 0 to know a leader again", || {
+        (cluster.has_leader(0) == Some(true)).then_some(())
+    });
+    put_when_writable(&cluster, "/services/web/healed", &addr(50));
+    d.converge(&cluster_expected(&cluster), "a change after the heal");
+}
+
+#[test]
+fn the_watch_leaves_a_follower_cut_off_from_the_cluster() {
+    the_watch_leaves_a_cut_off_member(false);
+}
+
+#[test]
+fn the_watch_leaves_a_leader_cut_off_from_the_cluster() {
+    the_watch_leaves_a_cut_off_member(true);
+}
+
+/// A running `haconfd announce`, ended by its PID on drop.
+struct Announcer {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Announcer {
+    fn start(args: &[String]) -> Announcer {
+        let dir = tempfile::Builder::new()
+            .prefix("haconfd-announce-")
+            .tempdir()
+            .expect("tempdir");
+        let log = dir.path().join("announce.log");
+        let err = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(haconfd_bin())
+            .arg("announce")
+            .args(args)
+            .env_remove("HACONFD_CONFIG")
+            .env("HACONFD_LOG", "info,haconfd=debug")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start haconfd announce");
+        Announcer {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var_os("HACONFD_TEST_SHOW_LOG").is_some() {
+            eprintln!("announce log:\n{}", self.log());
+        }
+    }
+}
+
+/// A key's value and lease id as member `i` reads it: Ok(None) when absent.
+fn entry_on(cluster: &Cluster, i: usize, key: &str) -> Result<Option<(String, i64)>, String> {
+    cluster.with_member(i, async |c| {
+        let r = c.get(key, None).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
+    })
+}
+
+#[test]
+fn announce_on_a_cut_off_follower_keeps_its_lease() {
+    // Member 0 (first in --etcd) is a follower: its keep-alives are forwarded to the leader,
+    // and once cut off it can forward nothing.
+    announce_on_a_cut_off_member_keeps_its_lease(false);
+}
+
+#[test]
+fn announce_on_a_cut_off_leader_keeps_its_lease() {
+    // Member 0 leads: cut off, it steps down (check-quorum), and the new leader of the other
+    // two takes over the leases.
+    announce_on_a_cut_off_member_keeps_its_lease(true);
+}
+
+/// `haconfd announce --ttl 5s` talks to member 0 (first in --etcd), which is cut off from the
+/// other two at the worst moment for its lease; `zero_leads`: whether member 0 is the leader.
+/// The key must stay in the majority for twice the TTL, under the same lease.
+fn announce_on_a_cut_off_member_keeps_its_lease(zero_leads: bool) {
+    const TTL: Duration = Duration::from_secs(5);
+    let cluster = Cluster::start_partitionable();
+    cluster.move_leader(if zero_leads { 0 } else { 1 });
+    let mut args = Vec::new();
+    for ep in cluster.endpoints() {
+        args.extend(["--etcd".to_owned(), ep]);
+    }
+    args.extend(
+        [
+            "--service",
+            "web",
+            "--addr",
+            "127.0.0.1:8080",
+            "--id",
+            "p1",
+            "--ttl",
+            "5s",
+        ]
+        .map(str::to_owned),
+    );
+    let a = Announcer::start(&args);
+    let key = "/services/web/p1";
+    let (_, lease) = wait_for(CONVERGE, "announce's key", || {
+        entry_on(&cluster, 1, key).ok().flatten()
+    });
+    // The lease was granted (a fresh TTL) just before the key appeared.
+    let granted = Instant::now();
+    wait_for(CONVERGE, "announce's keep-alive stream on member 0", || {
+        (cluster.lease_keep_alive_streams(0) >= 1.0).then_some(())
+    });
+    // The worst moment to lose the member: just before the first keep-alive (due a third of
+    // the TTL after the grant), so the lease has two thirds of its TTL left on the leader.
+    std::thread::sleep((TTL / 3).saturating_sub(granted.elapsed() + Duration::from_millis(150)));
+    let left = TTL.saturating_sub(granted.elapsed());
+
+    let cut = Instant::now();
+    cluster.partition(0);
+    // Read from the leader for twice the TTL: the key must stay, under the same lease.
+    let mut absent = Vec::new();
+    let mut leases = BTreeSet::from([lease]);
+    let mut moved = None;
+    while cut.elapsed() < 2 * TTL + Duration::from_secs(1) {
+        match entry_on(&cluster, 1, key) {
+            Ok(Some((_, l))) => {
+                leases.insert(l);
+            }
+            Ok(None) => absent.push(cut.elapsed().as_millis()),
+            Err(_) => {}
+        }
+        if moved.is_none()
+            && cluster.lease_keep_alive_streams(1) + cluster.lease_keep_alive_streams(2) >= 1.0
+        {
+            moved = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = a.log();
+    println!(
+        "announce on member 0 (leader: {zero_leads}), cut off with about {} ms left on its lease: keep-alive moved to the majority after {:?} ms; key absent at {:?} ms after the cut; leases seen {:x?}",
+        left.as_millis(),
+        moved.map(|m| m.as_millis()),
+        absent,
+        leases
+    );
+    assert!(
+        absent.is_empty(),
+        "the key was absent {} times after the cut, first at {} ms:\n{log}",
+        absent.len(),
+        absent[0]
+    );
+    assert_eq!(leases, BTreeSet::from([lease]), "{log}");
+    assert!(moved.is_some(), "{log}");
 }

@@ -6,6 +6,9 @@
 //!   it a frozen etcd (SIGSTOP, a hung host) leaves the watch waiting forever with no error.
 //!   Every unary call also has a deadline, since keep-alive only runs once a connection is up.
 //! - `Client::connect` succeeds when nothing listens, so a connection is proven with `status()`.
+//! - Every 500 ms the watch asks its member whether it still knows a leader: a member cut off
+//!   from the others keeps the watch open with no events and answers pings and progress
+//!   requests, and etcd cancels it only after three election timeouts without a leader.
 //! - A full read gets the first prefix at the current revision and every other prefix at that
 //!   same revision, so the snapshot is one consistent state.
 //! - The watch starts at the read's revision + 1 and, after any failure, resumes at the last
@@ -28,8 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
-    WatchResponse,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, MaintenanceClient,
+    TlsOptions, WatchOptions, WatchResponse,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -49,6 +52,8 @@ pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// frame read, so a small answer every second keeps the pings away while etcd is healthy, and a
 /// frozen etcd still goes silent and is caught by the keep-alive within about 4 s.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often the watch asks its member whether it still knows a leader (see [`leader_known`]).
+const LEADER_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// The largest read or watch message accepted (the gRPC default, 4 MiB, is about 40,000 keys).
 const MAX_MESSAGE: usize = 1 << 30;
 /// A deadline for one `get` of a prefix: large registries take a while, hung servers forever.
@@ -388,12 +393,35 @@ async fn connect_member(
 ) -> Result<(Client, i64), Failure> {
     let (client, status) = connect_status(config, options).await?;
     if status.leader() == 0 {
-        return Err(Failure::new(
-            Kind::Unavailable,
-            "status: the member knows no leader (an election, or cut off from the cluster)",
-        ));
+        return Err(Failure::new(Kind::Unavailable, NO_LEADER));
     }
     Ok((client, status.header().map(|h| h.revision()).unwrap_or(0)))
+}
+
+const NO_LEADER: &str =
+    "status: the member knows no leader (an election, or cut off from the cluster)";
+
+/// Whether the member `maintenance` talks to still knows a leader, by its `status()` within
+/// `deadline`. A member cut off from the others keeps answering what needs no quorum (status,
+/// watch progress, HTTP/2 pings) and keeps a watch open that simply gets no events, so neither
+/// the keep-alive nor a quiet watch notices. etcd cancels the streams of a `require_leader`
+/// client only after three election timeouts without a leader: 4 to 6 s after the cut with
+/// the default 1 s, when a follower also needs 1 to 2 s to notice it lost its leader. Asking
+/// the member itself finds it as soon as it knows. With `require_leader` a leaderless member
+/// refuses the call ("etcdserver: no leader"): a failure too.
+pub(crate) async fn leader_known(
+    maintenance: &mut MaintenanceClient,
+    deadline: Duration,
+    user: Option<&str>,
+) -> Result<(), Failure> {
+    let status = tokio::time::timeout(deadline, maintenance.status())
+        .await
+        .map_err(|_| Failure::timeout("status", deadline))?
+        .map_err(|e| Failure::from_etcd("status", &e, user))?;
+    if status.leader() == 0 {
+        return Err(Failure::new(Kind::Unavailable, NO_LEADER));
+    }
+    Ok(())
 }
 
 /// The members of `[etcd] endpoints`, talked to one at a time. A client over every endpoint
@@ -905,6 +933,12 @@ impl Watcher {
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leader_check = tokio::time::interval_at(
+            tokio::time::Instant::now() + LEADER_CHECK_EVERY,
+            LEADER_CHECK_EVERY,
+        );
+        leader_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut maintenance = client.maintenance_client();
         // A clone, so that a held permit does not borrow `self`.
         let tx = self.tx.clone();
         loop {
@@ -937,6 +971,13 @@ impl Watcher {
                 _ = heartbeat.tick() => {
                     if let Err(e) = stream.request_progress().await {
                         return WatchEnd::Failed(Failure::from_etcd("watch progress request", &e, user.as_deref()));
+                    }
+                }
+                _ = leader_check.tick() => {
+                    // A member cut off from its cluster sends nothing and fails nothing: the
+                    // watch would wait for etcd to cancel it, seconds later.
+                    if let Err(f) = leader_known(&mut maintenance, KEEP_ALIVE_TIMEOUT, user.as_deref()).await {
+                        return WatchEnd::Failed(f);
                     }
                 }
                 _ = &mut resync => return WatchEnd::Resync,
