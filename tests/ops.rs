@@ -627,3 +627,32 @@ fn the_readme_confd_ports_render() {
         assert!(text.contains("127.0.0.1:8080 "), "port {i}: {text}");
     }
 }
+
+/// Every test the README's "What haconfd survives" table names exists: a row whose test was
+/// renamed or removed would promise what nothing proves.
+#[test]
+fn every_test_the_survival_table_names_exists() {
+    let readme = read("README.md");
+    let table = readme
+        .split("### What haconfd survives")
+        .nth(1)
+        .expect("the README has the table")
+        .split("\n### ")
+        .next()
+        .expect("the section");
+    let mut named = 0;
+    for row in table.lines().filter(|l| l.starts_with("| ")) {
+        for cell in row.split('`').skip(1).step_by(2) {
+            let Some((file, name)) = cell.split_once("::") else {
+                continue;
+            };
+            let source = read(&format!("tests/{file}.rs"));
+            assert!(
+                source.contains(&format!("fn {name}()")),
+                "the README names {file}::{name}, which tests/{file}.rs does not have"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 20, "only {named} tests named");
+}
