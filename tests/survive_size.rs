@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
+use common::etcd::{Etcd, EtcdOptions};
 use common::haproxy::{Daemon, Opts, Workspace, http_get};
 use common::{peak_rss_kib, rss_kib, wait_for};
 
@@ -333,6 +333,17 @@ fn a_hundred_thousand_keys_are_read_watched_and_applied() {
     let last = "server s09999/i9 127.0.0.200:51023";
     let took = wait_line(&ws, &first, last);
     assert_eq!(lines(&ws).len(), 100_001);
+    let paged = first
+        .log_text()
+        .contains("an etcd watch answer was too large");
+    eprintln!(
+        "watch path: the catch-up came as {}",
+        if paged {
+            "a paged full read (an answer above 4 MiB)"
+        } else {
+            "watch answers"
+        }
+    );
     eprintln!(
         "watch path: 100,000 keys caught up in {took:?} after SIGCONT; peak RSS {:.1} MiB",
         mib(peak_rss_kib(first.pid()).unwrap_or(0))
@@ -364,4 +375,63 @@ fn a_hundred_thousand_keys_are_read_watched_and_applied() {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[test]
+fn a_value_too_large_to_read_is_left_out_and_the_rest_applies() {
+    // etcd raised to accept 8 MiB requests: a 6 MiB value is more than haconfd decodes in one
+    // message (4 MiB), on the watch and in a read.
+    let mut etcd = Etcd::with(EtcdOptions {
+        extra_args: vec!["--max-request-bytes=8388608".into()],
+        ..EtcdOptions::default()
+    });
+    etcd.launch();
+    etcd.put("/services/web/w1", "127.0.0.1:29999");
+    let ws = small_workspace(&etcd, "watcher");
+    let watcher = ws.spawn_run();
+    wait_line(&ws, &watcher, "server web/w1 127.0.0.1:29999");
+
+    let huge = "SECRET-".repeat(6 * 1024 * 1024 / 7);
+    etcd.put("/services/web/w2", &huge);
+    etcd.put("/services/web/w3", "127.0.0.1:29997");
+    wait_line(&ws, &watcher, "server web/w3 127.0.0.1:29997");
+    let log = watcher.log_text();
+    assert!(
+        log.contains("an etcd watch answer was too large; reading everything again in pages"),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("key left out")
+            && l.contains("\"/services/web/w2\"")
+            && l.contains("value too large to read")),
+        "{log}"
+    );
+    assert!(!log.contains("SECRET-"), "a value reached the log");
+    assert_eq!(metric(&ws, "haconfd_rejected_keys"), Some(1.0));
+    eprintln!(
+        "a 6 MiB value: watching daemon's peak RSS {:.1} MiB",
+        mib(peak_rss_kib(watcher.pid()).unwrap_or(0))
+    );
+
+    // A daemon started now meets it in its first read: left out by key, the rest applies.
+    let ws2 = small_workspace(&etcd, "reader");
+    let reader = ws2.spawn_run();
+    wait_line(&ws2, &reader, "server web/w3 127.0.0.1:29997");
+    assert_eq!(lines(&ws2), lines(&ws));
+    let log2 = reader.log_text();
+    assert!(
+        log2.lines().any(|l| l.contains("key left out")
+            && l.contains("\"/services/web/w2\"")
+            && l.contains("value too large to read")),
+        "{log2}"
+    );
+    eprintln!(
+        "a 6 MiB value: reading daemon's peak RSS {:.1} MiB",
+        mib(peak_rss_kib(reader.pid()).unwrap_or(0))
+    );
+
+    // Both apply a later change, and the key comes back once its value is sane.
+    etcd.put("/services/web/w2", "127.0.0.1:29998");
+    wait_line(&ws, &watcher, "server web/w2 127.0.0.1:29998");
+    wait_line(&ws2, &reader, "server web/w2 127.0.0.1:29998");
 }
