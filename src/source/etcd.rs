@@ -459,12 +459,22 @@ fn apply_put(
 ) -> bool {
     let (key, held) =
         hold_oversized(prefixes, k, v).unwrap_or_else(|| (k.to_vec(), Held::Value(v.to_vec())));
-    let changed = state.get(&key).is_none_or(|(h, _)| *h != held);
-    if changed {
-        screened.put(prefixes, &key, &held);
+    // One lookup: the entry API, not a get and an insert.
+    match state.entry(key) {
+        std::collections::btree_map::Entry::Occupied(mut e) => {
+            let changed = e.get().0 != held;
+            if changed {
+                screened.put(prefixes, e.key(), &held);
+            }
+            e.insert((held, mod_revision));
+            changed
+        }
+        std::collections::btree_map::Entry::Vacant(e) => {
+            screened.put(prefixes, e.key(), &held);
+            e.insert((held, mod_revision));
+            true
+        }
     }
-    state.insert(key, (held, mod_revision));
-    changed
 }
 
 /// Applies a delete (from a watch event) to both states. Whether the screened state changed.
