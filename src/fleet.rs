@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Client, GetOptions, KvClient, PutOptions};
+use etcd_client::{Client, GetOptions, KeyValue, KvClient, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -29,7 +29,8 @@ use crate::config::{Config, EtcdConfig, HaproxyMode, SourceKind};
 use crate::lease::{self, Held, Lost, Opened};
 use crate::metrics::Metrics;
 use crate::source::etcd::{
-    self as etcd_source, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members,
+    self as etcd_source, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, MAX_MESSAGE,
+    Members, Pages,
 };
 
 /// The node key's lease: a node that dies leaves the view this long after its last keep-alive
@@ -47,7 +48,7 @@ const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often `fleet --wait` looks again.
 const WAIT_POLL: Duration = Duration::from_millis(100);
 /// Up to this many keys changed since a node's revision are compared one `get` each; more are
-/// compared against one read of the prefix at that revision.
+/// compared by reading the prefix in pages at both revisions.
 const PER_KEY_COMPARE_MAX: usize = 16;
 
 /// What a node publishes, as JSON under `<prefix><node>`. Fields a reader does not find (an
@@ -524,7 +525,7 @@ async fn view(
     fleet_prefix: &str,
     user: Option<&str>,
 ) -> Result<Vec<Row>, EtcdFailure> {
-    let mut kv = client.kv_client();
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
     let resp = get(
         &mut kv,
         "read of the fleet prefix",
@@ -623,7 +624,10 @@ async fn converged(
 
 /// One prefix: the keys whose revision moved past `r` must hold the value they held at `r`
 /// (a put of the same value changes nothing), and as many keys must exist as at `r` (every
-/// key that exists now existed then, so an equal count means none went away).
+/// key that exists now existed then, so an equal count means none went away). Every answer is
+/// bounded: a probe of at most [`PER_KEY_COMPARE_MAX`] changed keys (keys only), then either
+/// one `get` per changed key, or, when more changed, the prefix read in pages at both
+/// revisions side by side.
 async fn prefix_converged(
     kv: &mut KvClient,
     prefix: &str,
@@ -639,64 +643,49 @@ async fn prefix_converged(
         GetOptions::new()
             .with_prefix()
             .with_revision(now)
-            .with_min_mod_revision(r + 1),
+            .with_min_mod_revision(r + 1)
+            .with_keys_only()
+            .with_limit(PER_KEY_COMPARE_MAX as i64),
         user,
     )
     .await?;
     let count_now = moved.count();
-    let changed = |key: &[u8], rev: i64| {
-        Verdict::Behind(format!(
-            "{} changed at revision {rev}, after its revision {r}",
-            String::from_utf8_lossy(key)
-        ))
-    };
-    let count_then = if moved.kvs().len() > PER_KEY_COMPARE_MAX {
-        let then = get(
-            kv,
-            "read at the node's revision",
-            prefix,
-            GetOptions::new().with_prefix().with_revision(r),
-            user,
-        )
-        .await?;
-        let before: BTreeMap<&[u8], &[u8]> =
-            then.kvs().iter().map(|k| (k.key(), k.value())).collect();
-        if let Some(k) = moved
-            .kvs()
-            .iter()
-            .find(|k| before.get(k.key()) != Some(&k.value()))
-        {
-            return Ok(changed(k.key(), k.mod_revision()));
+    if moved.more() {
+        if let Some(behind) = first_changed_in_pages(kv, prefix, r, now, user).await? {
+            return Ok(behind);
         }
-        then.count()
     } else {
         for k in moved.kvs() {
             let key = String::from_utf8_lossy(k.key());
-            let then = get(
-                kv,
-                "read at the node's revision",
-                &key,
-                GetOptions::new().with_revision(r),
-                user,
-            )
-            .await?;
-            if then.kvs().first().map(|t| t.value()) != Some(k.value()) {
-                return Ok(changed(k.key(), k.mod_revision()));
+            let value_at = async |kv: &mut KvClient, rev: i64| {
+                get(
+                    kv,
+                    "read at the node's revision",
+                    &key,
+                    GetOptions::new().with_revision(rev),
+                    user,
+                )
+                .await
+            };
+            let then = value_at(kv, r).await?;
+            let current = value_at(kv, now).await?;
+            if then.kvs().first().map(|t| t.value()) != current.kvs().first().map(|t| t.value()) {
+                return Ok(changed(k.key(), r, k.mod_revision()));
             }
         }
-        get(
-            kv,
-            "count at the node's revision",
-            prefix,
-            GetOptions::new()
-                .with_prefix()
-                .with_revision(r)
-                .with_count_only(),
-            user,
-        )
-        .await?
-        .count()
-    };
+    }
+    let count_then = get(
+        kv,
+        "count at the node's revision",
+        prefix,
+        GetOptions::new()
+            .with_prefix()
+            .with_revision(r)
+            .with_count_only(),
+        user,
+    )
+    .await?
+    .count();
     if count_then != count_now {
         return Ok(Verdict::Behind(format!(
             "{} key(s) under {prefix} deleted after its revision {r}",
@@ -704,6 +693,56 @@ async fn prefix_converged(
         )));
     }
     Ok(Verdict::Converged)
+}
+
+fn changed(key: &[u8], r: i64, rev: i64) -> Verdict {
+    Verdict::Behind(format!(
+        "{} changed at revision {rev}, after its revision {r}",
+        String::from_utf8_lossy(key)
+    ))
+}
+
+/// Reads `prefix` in pages at `now` and at `r` side by side (both sorted by key) and returns
+/// the first key that moved past `r` to a value it did not hold at `r`, if any. Memory: two
+/// pages, whatever the prefix holds.
+async fn first_changed_in_pages(
+    kv: &mut KvClient,
+    prefix: &str,
+    r: i64,
+    now: i64,
+    user: Option<&str>,
+) -> Result<Option<Verdict>, EtcdFailure> {
+    let what_now = format!("read of {prefix:?} now");
+    let what_then = format!("read of {prefix:?} at the node's revision");
+    let mut at_now = Pages::prefix(prefix.as_bytes(), now);
+    let mut at_then = Pages::prefix(prefix.as_bytes(), r);
+    let mut then_page: Vec<KeyValue> = Vec::new();
+    let mut i = 0;
+    while let Some(page) = at_now.next(kv, &what_now, user).await? {
+        // A value too large to read cannot be compared: changed, if it moved.
+        if let Some((k, rev)) = page.unreadable.iter().find(|(_, rev)| *rev > r) {
+            return Ok(Some(changed(k, r, *rev)));
+        }
+        for k in page.kvs.iter().filter(|k| k.mod_revision() > r) {
+            let same = loop {
+                match then_page.get(i) {
+                    Some(t) if t.key() < k.key() => i += 1,
+                    Some(t) => break t.key() == k.key() && t.value() == k.value(),
+                    None => match at_then.next(kv, &what_then, user).await? {
+                        Some(p) => {
+                            then_page = p.kvs;
+                            i = 0;
+                        }
+                        None => break false,
+                    },
+                }
+            };
+            if !same {
+                return Ok(Some(changed(k.key(), r, k.mod_revision())));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// One `get` with a deadline.

@@ -23,6 +23,12 @@
 //!   works), is never logged, and an expired token is renewed by etcd-client
 //!   (`with_auto_token_refresh`) on unary calls; a watch refused for an expired token fails, and
 //!   the reconnect authenticates again.
+//! - Memory is bounded by the screen's limits, not by what a writer puts: a full read goes in
+//!   pages of at most [`PAGE_KEYS`] keys, and every message (a page, a watch response) is at
+//!   most [`MAX_MESSAGE`] bytes. A page too large is asked for again with half the keys; a
+//!   watch response too large ends the watch and a paged full read takes its place. A pair
+//!   whose key or value is longer than the screen accepts keeps only a digest and its
+//!   rejection, never the bytes ([`Held::Oversized`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,8 +37,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, MaintenanceClient,
-    TlsOptions, WatchOptions, WatchResponse,
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KvClient,
+    MaintenanceClient, TlsOptions, WatchOptions, WatchResponse,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -40,7 +46,9 @@ use tokio::task::JoinHandle;
 use super::{SourceError, Update};
 use crate::config::{Config, EtcdConfig, SourceKind};
 use crate::metrics::Metrics;
-use crate::model::{Kv, Rejection, Screened, Snapshot, screen_pair};
+use crate::model::{
+    Kv, MAX_KEY_LEN, MAX_VALUE_LEN, Rejection, Screened, Snapshot, display_key, screen_pair,
+};
 
 /// HTTP/2 keep-alive: a ping every 2 s, a connection without an answer for 2 s is dead.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
@@ -54,9 +62,17 @@ pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How often the watch asks its member whether it still knows a leader (see [`leader_known`]).
 const LEADER_CHECK_EVERY: Duration = Duration::from_millis(500);
-/// The largest read or watch message accepted (the gRPC default, 4 MiB, is about 40,000 keys).
-const MAX_MESSAGE: usize = 1 << 30;
-/// A deadline for one `get` of a prefix: large registries take a while, hung servers forever.
+/// The largest read or watch message decoded (gRPC's default). Decoding holds a message about
+/// twice (its bytes and what they decode to), so this bounds the memory a read or a watch
+/// answer takes at about 8 MiB, whatever etcd holds. A page of [`PAGE_KEYS`] registry keys
+/// (about 150 bytes each) is far below it; a page of larger values is read in smaller pages.
+/// A watch answer for one revision is at most etcd's `--max-request-bytes` (1.5 MiB by
+/// default), since the watch asks for no previous values; a watch that resumes far behind
+/// gets up to 1,000 revisions in one answer, and a paged read replaces one above this.
+pub(crate) const MAX_MESSAGE: usize = 4 << 20;
+/// Keys per page of a full read: 100,000 keys are 100 round trips.
+pub(crate) const PAGE_KEYS: i64 = 1000;
+/// A deadline for one page of a read: large pages take a while, hung servers forever.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Retry delays.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -87,6 +103,8 @@ pub(crate) enum Kind {
     Auth,
     /// A revision that etcd has compacted away: re-read at a new revision.
     Compacted,
+    /// An answer larger than [`MAX_MESSAGE`]: read fewer keys at once, or read in pages.
+    TooLarge,
     /// Anything else (bad TLS files, an unexpected answer): retry with backoff.
     Other,
 }
@@ -119,6 +137,10 @@ impl Failure {
                 let msg = s.message();
                 if code == CODE_OUT_OF_RANGE && msg.contains("compacted") {
                     return Failure::new(Kind::Compacted, format!("{what}: {msg}"));
+                }
+                // tonic's own answer to a message above the decoding limit.
+                if code == CODE_OUT_OF_RANGE && msg.contains("message length too large") {
+                    return Failure::new(Kind::TooLarge, format!("{what}: {msg}"));
                 }
                 let auth = code == CODE_UNAUTHENTICATED
                     || code == CODE_PERMISSION_DENIED
@@ -474,29 +496,154 @@ impl Members {
     }
 }
 
-/// One key as read: value and the revision that last modified it.
-type RawState = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
+/// One key as kept, by its [`held_key`]: what it holds and the revision that last modified it.
+type RawState = BTreeMap<Vec<u8>, (Held, i64)>;
+
+/// What the raw state keeps of a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// The value's bytes: the key and the value are within the screen's limits.
+    Value(Vec<u8>),
+    /// A key longer than [`MAX_KEY_LEN`] or a value longer than [`MAX_VALUE_LEN`]: the screen
+    /// rejects the pair whatever its bytes, so only a digest of the value (to tell a change)
+    /// and the rejection are kept (none for a key outside every prefix).
+    Oversized {
+        digest: u64,
+        rejection: Option<Rejection>,
+    },
+}
+
+/// The key the raw state keeps a key under: the key itself, or for a key longer than
+/// [`MAX_KEY_LEN`] its first `MAX_KEY_LEN` bytes, a 0xff byte and a 128-bit digest of the
+/// whole key. Such a stand-in is longer than `MAX_KEY_LEN`, so it is never a kept key itself.
+fn held_key(k: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if k.len() <= MAX_KEY_LEN {
+        return std::borrow::Cow::Borrowed(k);
+    }
+    let mut held = Vec::with_capacity(MAX_KEY_LEN + 17);
+    held.extend_from_slice(&k[..MAX_KEY_LEN]);
+    held.push(0xff);
+    held.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(k).to_be_bytes());
+    std::borrow::Cow::Owned(held)
+}
+
+/// The held form of a pair whose key or value is longer than the screen accepts, or None for
+/// a pair within the limits (kept as it is, with no copy). Two length comparisons for every
+/// pair; the rest only for oversized ones.
+fn hold_oversized(prefixes: &[String], k: &[u8], v: &[u8]) -> Option<(Vec<u8>, Held)> {
+    if k.len() <= MAX_KEY_LEN && v.len() <= MAX_VALUE_LEN {
+        return None;
+    }
+    // The screen looks at the lengths before any byte of the long part.
+    let rejection = match screen_pair(prefixes, k, v) {
+        Screened::Reject(r) => Some(r),
+        Screened::Outside | Screened::Pass(..) => None,
+    };
+    let held = Held::Oversized {
+        digest: xxhash_rust::xxh3::xxh3_64(v),
+        rejection,
+    };
+    Some((held_key(k).into_owned(), held))
+}
+
+/// The held form of a pair read whole: within the limits it is kept as it is, with no copy.
+fn hold(prefixes: &[String], k: Vec<u8>, v: Vec<u8>) -> (Vec<u8>, Held) {
+    match hold_oversized(prefixes, &k, &v) {
+        Some(oversized) => oversized,
+        None => (k, Held::Value(v)),
+    }
+}
+
+/// Applies a put (from a watch event) to both states. Whether the screened state changed.
+fn apply_put(
+    state: &mut RawState,
+    screened: &mut ScreenedState,
+    prefixes: &[String],
+    k: &[u8],
+    v: &[u8],
+    mod_revision: i64,
+) -> bool {
+    let (key, held) =
+        hold_oversized(prefixes, k, v).unwrap_or_else(|| (k.to_vec(), Held::Value(v.to_vec())));
+    // One lookup: the entry API, not a get and an insert.
+    match state.entry(key) {
+        std::collections::btree_map::Entry::Occupied(mut e) => {
+            let changed = e.get().0 != held;
+            if changed {
+                screened.put(prefixes, e.key(), &held);
+            }
+            e.insert((held, mod_revision));
+            changed
+        }
+        std::collections::btree_map::Entry::Vacant(e) => {
+            screened.put(prefixes, e.key(), &held);
+            e.insert((held, mod_revision));
+            true
+        }
+    }
+}
+
+/// Applies a delete (from a watch event) to both states. Whether the screened state changed.
+fn apply_delete(state: &mut RawState, screened: &mut ScreenedState, k: &[u8]) -> bool {
+    let key = held_key(k);
+    let removed = state.remove(key.as_ref()).is_some();
+    if removed {
+        screened.delete(&key);
+    }
+    removed
+}
+
+/// A value etcd could not send within [`MAX_MESSAGE`]: its key is known (from a keys-only
+/// read), its bytes never were.
+fn unreadable(prefixes: &[String], k: &[u8], mod_revision: i64) -> (Vec<u8>, Held) {
+    let rejection = prefixes
+        .iter()
+        .any(|p| k.starts_with(p.as_bytes()))
+        .then(|| Rejection {
+            key: display_key(k),
+            reason: format!(
+                "value too large to read (key and value above {} MiB)",
+                MAX_MESSAGE >> 20
+            ),
+        });
+    let held = Held::Oversized {
+        // The revision stands for the bytes: a new value is a new revision.
+        digest: mod_revision as u64,
+        rejection,
+    };
+    (held_key(k).into_owned(), held)
+}
 
 /// The screened view of a [`RawState`], kept in step with it key by key, so that an update
 /// after one event costs one screen and a clone of a persistent map, not a screen of every key.
 #[derive(Default)]
 struct ScreenedState {
     kv: Kv,
-    /// Pairs the screen left out, by raw key.
+    /// Pairs the screen left out, by held key.
     rejected: BTreeMap<Vec<u8>, Rejection>,
 }
 
 impl ScreenedState {
     fn build(prefixes: &[String], state: &RawState) -> ScreenedState {
         let mut s = ScreenedState::default();
-        for (k, (v, _)) in state {
-            s.put(prefixes, k, v);
+        for (k, (held, _)) in state {
+            s.put(prefixes, k, held);
         }
         s
     }
 
-    fn put(&mut self, prefixes: &[String], k: &[u8], v: &[u8]) {
-        match screen_pair(prefixes, k, v) {
+    /// `k` is the held key.
+    fn put(&mut self, prefixes: &[String], k: &[u8], held: &Held) {
+        let screened = match held {
+            Held::Value(v) => screen_pair(prefixes, k, v),
+            Held::Oversized {
+                rejection: Some(r), ..
+            } => Screened::Reject(r.clone()),
+            Held::Oversized {
+                rejection: None, ..
+            } => Screened::Outside,
+        };
+        match screened {
             Screened::Outside => {}
             Screened::Pass(key, value) => {
                 self.rejected.remove(k);
@@ -511,15 +658,187 @@ impl ScreenedState {
         }
     }
 
+    /// `k` is the held key.
     fn delete(&mut self, k: &[u8]) {
         self.rejected.remove(k);
         if let Ok(key) = std::str::from_utf8(k) {
             self.kv.remove(key);
         }
     }
+
+    fn update(&self, revision: i64) -> Update {
+        Update {
+            snapshot: Arc::new(Snapshot {
+                revision,
+                kv: self.kv.clone(),
+            }),
+            rejected: self.rejected.values().cloned().collect(),
+        }
+    }
 }
 
-/// Reads every prefix at one revision: the first get's, then the others `with_revision`.
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Empty, or only 0xff bytes: to the end of the key space.
+    vec![0]
+}
+
+/// A range read in pages of at most [`PAGE_KEYS`] keys, every page at the revision of the
+/// first one (or a given one), so that the whole read is one consistent state. A page whose
+/// answer is larger than [`MAX_MESSAGE`] is asked for again with half as many keys, down to
+/// one; a single key too large even alone is listed in [`Page::unreadable`], with its key and
+/// revision only.
+pub(crate) struct Pages {
+    next: Vec<u8>,
+    end: Vec<u8>,
+    revision: i64,
+    limit: i64,
+    done: bool,
+}
+
+/// One page of a [`Pages`] read.
+#[derive(Default)]
+pub(crate) struct Page {
+    pub(crate) kvs: Vec<etcd_client::KeyValue>,
+    /// Keys (with their mod revisions) whose value is too large to be read at all.
+    pub(crate) unreadable: Vec<(Vec<u8>, i64)>,
+}
+
+impl Pages {
+    /// Every key under `prefix`, at `revision` (0: etcd's current one, taken by the first page).
+    pub(crate) fn prefix(prefix: &[u8], revision: i64) -> Pages {
+        Pages {
+            next: prefix.to_vec(),
+            end: prefix_end(prefix),
+            revision,
+            limit: PAGE_KEYS,
+            done: false,
+        }
+    }
+
+    /// The revision every page is read at (0 before the first page of a read at "now").
+    pub(crate) fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The next page, or None after the last one. `what` names the read in errors.
+    pub(crate) async fn next(
+        &mut self,
+        kv: &mut KvClient,
+        what: &str,
+        user: Option<&str>,
+    ) -> Result<Option<Page>, Failure> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(self.end.clone())
+                .with_limit(self.limit);
+            if self.revision > 0 {
+                options = options.with_revision(self.revision);
+            }
+            let answer =
+                tokio::time::timeout(READ_TIMEOUT, kv.get(self.next.clone(), Some(options)))
+                    .await
+                    .map_err(|_| Failure::timeout(what, READ_TIMEOUT))?;
+            let mut resp = match answer {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let f = Failure::from_etcd(what, &e, user);
+                    if f.kind != Kind::TooLarge {
+                        return Err(f);
+                    }
+                    if self.limit > 1 {
+                        self.limit = (self.limit / 2).max(1);
+                        tracing::debug!(error = %f, keys = self.limit, "etcd page too large; asking for fewer keys");
+                        continue;
+                    }
+                    return self.skip_unreadable(kv, what, user, f).await.map(Some);
+                }
+            };
+            if self.revision <= 0 {
+                self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                if self.revision <= 0 {
+                    return Err(Failure::new(
+                        Kind::Other,
+                        format!("{what}: etcd answered without a revision"),
+                    ));
+                }
+            }
+            let kvs = resp.take_kvs();
+            match kvs.last() {
+                Some(last) if resp.more() => self.next = after(last.key()),
+                _ => self.done = true,
+            }
+            // After a page too large, grow back while pages stay small.
+            let bytes: usize = kvs.iter().map(|kv| kv.key().len() + kv.value().len()).sum();
+            if bytes < MAX_MESSAGE / 4 {
+                self.limit = (self.limit * 2).min(PAGE_KEYS);
+            }
+            return Ok(Some(Page {
+                kvs,
+                unreadable: Vec::new(),
+            }));
+        }
+    }
+
+    /// The next key alone was too large to read: learn its key (a keys-only read) and go on
+    /// after it.
+    async fn skip_unreadable(
+        &mut self,
+        kv: &mut KvClient,
+        what: &str,
+        user: Option<&str>,
+        cause: Failure,
+    ) -> Result<Page, Failure> {
+        let mut options = GetOptions::new()
+            .with_range(self.end.clone())
+            .with_limit(1)
+            .with_keys_only();
+        if self.revision > 0 {
+            options = options.with_revision(self.revision);
+        }
+        let resp = tokio::time::timeout(READ_TIMEOUT, kv.get(self.next.clone(), Some(options)))
+            .await
+            .map_err(|_| Failure::timeout(what, READ_TIMEOUT))?
+            .map_err(|e| Failure::from_etcd(what, &e, user))?;
+        if self.revision <= 0 {
+            self.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        let Some(item) = resp.kvs().first() else {
+            // The key went away between the two reads (only at "now"): nothing to skip.
+            return Err(cause);
+        };
+        tracing::warn!(key = %display_key(item.key()), error = %cause, "an etcd value too large to read is left out");
+        if resp.more() {
+            self.next = after(item.key());
+        } else {
+            self.done = true;
+        }
+        Ok(Page {
+            kvs: Vec::new(),
+            unreadable: vec![(item.key().to_vec(), item.mod_revision())],
+        })
+    }
+}
+
+/// The first key after `key`.
+fn after(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
+}
+
+/// Reads every prefix at one revision: the first page's, then every other page at it.
 async fn read_all(
     client: &Client,
     prefixes: &[String],
@@ -529,7 +848,7 @@ async fn read_all(
     loop {
         attempt += 1;
         match read_all_once(client, prefixes, user).await {
-            // A compaction that overtook the read between two gets: read again, now.
+            // A compaction that overtook the read between two pages: read again, now.
             Err(f) if f.kind == Kind::Compacted && attempt < READ_ATTEMPTS => {
                 tracing::info!(error = %f, "etcd compacted during a full read; reading again");
             }
@@ -548,28 +867,20 @@ async fn read_all_once(
     let mut state = RawState::new();
     for prefix in prefixes {
         let what = format!("read of prefix {prefix:?}");
-        let mut options = GetOptions::new().with_prefix();
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let mut resp = tokio::time::timeout(READ_TIMEOUT, kv.get(prefix.as_bytes(), Some(options)))
-            .await
-            .map_err(|_| Failure::timeout(&what, READ_TIMEOUT))?
-            .map_err(|e| Failure::from_etcd(&what, &e, user))?;
-        if revision == 0 {
-            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            if revision <= 0 {
-                return Err(Failure::new(
-                    Kind::Other,
-                    format!("{what}: etcd answered without a revision"),
-                ));
+        let mut pages = Pages::prefix(prefix.as_bytes(), revision);
+        while let Some(page) = pages.next(&mut kv, &what, user).await? {
+            for item in page.kvs {
+                let mod_revision = item.mod_revision();
+                let (k, v) = item.into_key_value();
+                let (k, held) = hold(prefixes, k, v);
+                state.insert(k, (held, mod_revision));
+            }
+            for (k, mod_revision) in page.unreadable {
+                let (k, held) = unreadable(prefixes, &k, mod_revision);
+                state.insert(k, (held, mod_revision));
             }
         }
-        for item in resp.take_kvs() {
-            let mod_revision = item.mod_revision();
-            let (k, v) = item.into_key_value();
-            state.insert(k, (v, mod_revision));
-        }
+        revision = pages.revision();
     }
     if prefixes.is_empty() {
         // Nothing to read; the revision still says where a watch would start.
@@ -583,11 +894,8 @@ async fn read_all_once(
     Ok((revision, state))
 }
 
-/// Reads every key under `prefixes` at one revision. Returns the revision and the raw pairs.
-pub async fn read_once(
-    config: &EtcdConfig,
-    prefixes: &[String],
-) -> Result<(i64, Vec<(Vec<u8>, Vec<u8>)>), SourceError> {
+/// Reads every key under `prefixes` at one revision, screened.
+pub async fn read_once(config: &EtcdConfig, prefixes: &[String]) -> Result<Update, SourceError> {
     let (client, _) = Members::default()
         .connect(config, connect_options)
         .await
@@ -595,10 +903,7 @@ pub async fn read_once(
     let (revision, state) = read_all(&client, prefixes, config.username.as_deref())
         .await
         .map_err(|f| SourceError::Etcd(f.to_string()))?;
-    Ok((
-        revision,
-        state.into_iter().map(|(k, (v, _))| (k, v)).collect(),
-    ))
+    Ok(ScreenedState::build(prefixes, &state).update(revision))
 }
 
 /// Reads, sends the first [`Update`], then watches and sends a complete update after every
@@ -650,6 +955,7 @@ enum ReadReason {
     Compacted,
     Resync,
     Rewound,
+    TooLarge,
 }
 
 /// How a watch session ended.
@@ -720,7 +1026,7 @@ impl Watcher {
                     Err(f) => {
                         let what = match f.kind {
                             Kind::Auth => "etcd refused the connection",
-                            Kind::Other => "cannot connect to etcd",
+                            Kind::Other | Kind::TooLarge => "cannot connect to etcd",
                             Kind::Unavailable | Kind::Compacted => "etcd unreachable",
                         };
                         self.failed(f, what).await;
@@ -761,6 +1067,17 @@ impl Watcher {
                         "etcd compacted revisions the watch had not seen; reading everything again"
                     );
                     pending = Some(ReadReason::Compacted);
+                    client = Some(c);
+                }
+                WatchEnd::Failed(f) if f.kind == Kind::TooLarge => {
+                    // Many large values changed at once (a watch that resumes far behind gets
+                    // up to 1,000 revisions in one answer): read them in pages instead.
+                    tracing::warn!(
+                        error = %f,
+                        watch_from = ?self.next_revision,
+                        "an etcd watch answer was too large; reading everything again in pages"
+                    );
+                    pending = Some(ReadReason::TooLarge);
                     client = Some(c);
                 }
                 WatchEnd::Failed(f) => {
@@ -875,13 +1192,7 @@ impl Watcher {
     }
 
     fn update(&self) -> Update {
-        Update {
-            snapshot: Arc::new(Snapshot {
-                revision: self.revision,
-                kv: self.screened.kv.clone(),
-            }),
-            rejected: self.screened.rejected.values().cloned().collect(),
-        }
+        self.screened.update(self.revision)
     }
 
     /// Watches every prefix on one stream until it fails, compaction cancels it, or the resync
@@ -890,10 +1201,11 @@ impl Watcher {
     async fn watch(&mut self, client: &Client, resync_at: Instant) -> WatchEnd {
         let user = self.config.username.clone();
         let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        // No previous values (`with_prev_key`): only the key of a deleted pair is needed, and
+        // previous values would double every put and make a delete as large as what it removed.
         let options = |rev: i64| {
             WatchOptions::new()
                 .with_prefix()
-                .with_prev_key()
                 .with_progress_notify()
                 .with_start_revision(rev)
         };
@@ -1059,19 +1371,17 @@ impl Watcher {
             };
             match kind {
                 EventType::Put => {
-                    let old = self
-                        .state
-                        .insert(kv.key().to_vec(), (kv.value().to_vec(), kv.mod_revision()));
-                    if old.is_none_or(|(v, _)| v != kv.value()) {
-                        self.screened.put(&self.prefixes, kv.key(), kv.value());
-                        changed = true;
-                    }
+                    changed |= apply_put(
+                        &mut self.state,
+                        &mut self.screened,
+                        &self.prefixes,
+                        kv.key(),
+                        kv.value(),
+                        kv.mod_revision(),
+                    );
                 }
                 EventType::Delete => {
-                    if self.state.remove(kv.key()).is_some() {
-                        self.screened.delete(kv.key());
-                        changed = true;
-                    }
+                    changed |= apply_delete(&mut self.state, &mut self.screened, kv.key());
                 }
             }
             let next = &mut self.next_revision[index];
@@ -1177,7 +1487,12 @@ mod tests {
     fn state(pairs: &[(&str, &str, i64)]) -> RawState {
         pairs
             .iter()
-            .map(|(k, v, r)| (k.as_bytes().to_vec(), (v.as_bytes().to_vec(), *r)))
+            .map(|(k, v, r)| {
+                (
+                    k.as_bytes().to_vec(),
+                    (Held::Value(v.as_bytes().to_vec()), *r),
+                )
+            })
             .collect()
     }
 
@@ -1215,40 +1530,132 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
-        /// The screened state kept event by event equals a screen of the whole raw state.
+        /// The screened state kept event by event equals a screen of the whole raw state, and
+        /// the state a full read would hold: oversized keys and values included, of which
+        /// neither state keeps the bytes.
         #[test]
         fn screened_state_follows_the_raw_state(
-            events in proptest::collection::vec((0usize..6, proptest::option::of(0usize..4)), 0..40)
+            events in proptest::collection::vec((0usize..8, proptest::option::of(0usize..6)), 0..40)
         ) {
-            const KEYS: [&[u8]; 6] = [
+            let long_a = format!("/services/a/{}", "x".repeat(MAX_KEY_LEN));
+            let long_b = format!("/services/a/{}y", "x".repeat(MAX_KEY_LEN));
+            let keys: [&[u8]; 8] = [
                 b"/services/a/1", b"/services/a/2", b"/routes/a", b"/other/x",
-                b"/services/a/\xff", b"/services/b 1/x",
+                b"/services/a/\xff", b"/services/b 1/x", long_a.as_bytes(), long_b.as_bytes(),
             ];
-            const VALUES: [&[u8]; 4] = [b"127.0.0.1:80", b"bad\nvalue", b"127.0.0.2:81", b""];
+            let big_a = "1".repeat(MAX_VALUE_LEN + 1);
+            let big_b = "2".repeat(MAX_VALUE_LEN + 1);
+            let values: [&[u8]; 6] = [
+                b"127.0.0.1:80", b"bad\nvalue", b"127.0.0.2:81", b"", big_a.as_bytes(),
+                big_b.as_bytes(),
+            ];
             let prefixes = vec!["/services/".to_owned(), "/routes/".to_owned()];
+            let mut whole: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
             let mut raw = RawState::new();
             let mut screened = ScreenedState::default();
             for (k, v) in events {
                 match v {
                     Some(v) => {
-                        raw.insert(KEYS[k].to_vec(), (VALUES[v].to_vec(), 1));
-                        screened.put(&prefixes, KEYS[k], VALUES[v]);
+                        whole.insert(keys[k].to_vec(), values[v].to_vec());
+                        apply_put(&mut raw, &mut screened, &prefixes, keys[k], values[v], 1);
                     }
                     None => {
-                        raw.remove(KEYS[k]);
-                        screened.delete(KEYS[k]);
+                        whole.remove(keys[k]);
+                        apply_delete(&mut raw, &mut screened, keys[k]);
                     }
                 }
             }
-            let (whole, mut rejected) =
-                Snapshot::screen(0, &prefixes, raw.iter().map(|(k, (v, _))| (k, v)));
+            let (snapshot, mut rejected) = Snapshot::screen(0, &prefixes, &whole);
             let mut kept: Vec<Rejection> = screened.rejected.values().cloned().collect();
             rejected.sort_by(|a, b| a.key.cmp(&b.key));
             kept.sort_by(|a, b| a.key.cmp(&b.key));
-            proptest::prop_assert_eq!(&screened.kv, &whole.kv);
+            proptest::prop_assert_eq!(&screened.kv, &snapshot.kv);
             proptest::prop_assert_eq!(kept, rejected);
             let rebuilt = ScreenedState::build(&prefixes, &raw);
-            proptest::prop_assert_eq!(&rebuilt.kv, &whole.kv);
+            proptest::prop_assert_eq!(&rebuilt.kv, &snapshot.kv);
+            // What a full read of `whole` keeps is what the events built.
+            let read: RawState = whole
+                .iter()
+                .map(|(k, v)| {
+                    let (k, held) = hold(&prefixes, k.clone(), v.clone());
+                    (k, (held, 1))
+                })
+                .collect();
+            proptest::prop_assert!(same_values(&read, &raw));
+            proptest::prop_assert_eq!(differing_keys(&raw, &read, 1), 0);
+            // No oversized bytes are kept.
+            for (k, (held, _)) in &raw {
+                proptest::prop_assert!(k.len() <= MAX_KEY_LEN + 17);
+                if let Held::Value(v) = held {
+                    proptest::prop_assert!(v.len() <= MAX_VALUE_LEN && k.len() <= MAX_KEY_LEN);
+                }
+            }
         }
+    }
+
+    #[test]
+    fn oversized_pairs_keep_a_digest_and_their_rejection_not_their_bytes() {
+        let prefixes = vec!["/services/".to_owned()];
+        let big = vec![b'v'; 1 << 20];
+        let (k, held) = hold(&prefixes, b"/services/web/a".to_vec(), big.clone());
+        assert_eq!(k, b"/services/web/a");
+        let Held::Oversized {
+            rejection: Some(r), ..
+        } = &held
+        else {
+            panic!("{held:?}")
+        };
+        assert_eq!(r.key, "\"/services/web/a\"");
+        assert_eq!(r.reason, "value longer than 8192 bytes");
+        // Another oversized value is a change; the same one is not.
+        let (_, other) = hold(&prefixes, k.clone(), vec![b'w'; 1 << 20]);
+        assert_ne!(held, other);
+        assert_eq!(held, hold(&prefixes, k, big).1);
+
+        let long = format!("/services/web/{}", "k".repeat(4096)).into_bytes();
+        let (k, held) = hold(&prefixes, long.clone(), b"127.0.0.1:80".to_vec());
+        assert_eq!(k.len(), MAX_KEY_LEN + 17);
+        assert_eq!(k, held_key(&long).as_ref());
+        assert!(k.starts_with(&long[..MAX_KEY_LEN]));
+        let Held::Oversized {
+            rejection: Some(r), ..
+        } = &held
+        else {
+            panic!("{held:?}")
+        };
+        assert_eq!(r.reason, "key longer than 512 bytes");
+        assert!(r.key.len() < 300, "{}", r.key);
+        // Two long keys that share their first 512 bytes stay apart.
+        let mut other = long.clone();
+        other.push(b'x');
+        assert_ne!(held_key(&other), held_key(&long));
+        // Outside every prefix: no rejection.
+        let (_, held) = hold(&prefixes, b"/other/x".to_vec(), big_value());
+        assert!(matches!(
+            held,
+            Held::Oversized {
+                rejection: None,
+                ..
+            }
+        ));
+        // Within the limits: kept as it is.
+        let (_, held) = hold(
+            &prefixes,
+            b"/services/web/b".to_vec(),
+            b"127.0.0.1:81".to_vec(),
+        );
+        assert_eq!(held, Held::Value(b"127.0.0.1:81".to_vec()));
+    }
+
+    fn big_value() -> Vec<u8> {
+        vec![b'v'; MAX_VALUE_LEN + 1]
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/services/"), b"/services0");
+        assert_eq!(prefix_end(b"/a\xff"), b"/b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+        assert_eq!(after(b"/a"), b"/a\0");
     }
 }

@@ -53,10 +53,7 @@ impl Update {
 pub async fn read_once(config: &Config, revision: i64) -> Result<Update, SourceError> {
     match &config.source.kind {
         SourceKind::File(f) => read_file(f, &config.source.prefixes, revision),
-        SourceKind::Etcd(e) => {
-            let (revision, pairs) = etcd::read_once(e, &config.source.prefixes).await?;
-            Ok(Update::screen(revision, &config.source.prefixes, pairs))
-        }
+        SourceKind::Etcd(e) => etcd::read_once(e, &config.source.prefixes).await,
     }
 }
 

@@ -198,6 +198,22 @@ listen = "127.0.0.1:{admin}"
         write_atomic(&self.config, self.config_text(opts).as_bytes());
     }
 
+    /// Writes the config file for `opts` with the etcd source at `endpoint` instead of the
+    /// registry file.
+    pub fn write_etcd_config(&self, opts: &Opts, endpoint: &str) {
+        let text = self.config_text(opts);
+        let file_table = format!("[file]\npath = \"{}\"\n", self.registry.display());
+        assert!(text.contains(&file_table), "{text}");
+        let text = text
+            .replacen("kind = \"file\"", "kind = \"etcd\"", 1)
+            .replacen(
+                &file_table,
+                &format!("[etcd]\nendpoints = [\"{endpoint}\"]\ndial_timeout = \"1s\"\n"),
+                1,
+            );
+        write_atomic(&self.config, text.as_bytes());
+    }
+
     /// Runs `haconfd ARGS --config <config>` to completion, with extra environment variables.
     pub fn haconfd_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(haconfd_bin());

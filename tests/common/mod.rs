@@ -95,3 +95,25 @@ pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A process's peak resident set size (`VmHWM` in /proc/PID/status), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A process's resident set size now (`VmRSS` in /proc/PID/status), in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
