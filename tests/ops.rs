@@ -1,6 +1,7 @@
 //! Operations: JSON logs, `version`, completions and the man page, systemd's notify protocol,
 //! the node's example config and the container entrypoint, and docs that cannot drift from the
-//! binary (the README's config reference, its sample error, and docs/sample-render.cfg).
+//! binary (the config reference and the sample error in docs/, the confd ports, the survival
+//! table's tests, and docs/sample-render.cfg).
 //!
 //! Snapshots: `UPDATE_SNAPSHOTS=1 cargo test --test ops` rewrites docs/sample-render.cfg.
 
@@ -491,11 +492,12 @@ fn image_tags_name_a_commit_and_never_latest() {
         sha.len() >= 7 && sha.chars().all(|c| c.is_ascii_hexdigit()),
         "{tag}"
     );
-    for file in [
-        "haproxy/Dockerfile",
-        "haproxy/haconfd-container.service",
-        "README.md",
-    ] {
+    let mut files = vec![
+        "haproxy/Dockerfile".to_owned(),
+        "haproxy/haconfd-container.service".to_owned(),
+    ];
+    files.extend(doc_files());
+    for file in &files {
         assert!(
             !read(file).contains("haconfd:latest"),
             "{file} names :latest"
@@ -507,23 +509,77 @@ fn image_tags_name_a_commit_and_never_latest() {
 // Docs that cannot drift
 // ---------------------------------------------------------------------------------------------
 
-/// The body of the first fenced block of `lang` after the heading `heading` in the README.
-fn readme_block(heading: &str, lang: &str) -> String {
-    let readme = read("README.md");
-    let start = readme
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README has no {heading:?}"));
+/// The markdown a reader follows: README.md, then docs/*.md by name.
+fn doc_files() -> Vec<String> {
+    let mut docs: Vec<String> = std::fs::read_dir(repo().join("docs"))
+        .expect("read docs/")
+        .map(|e| {
+            e.expect("a docs/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| format!("docs/{name}"))
+        .collect();
+    docs.sort();
+    let mut files = vec!["README.md".to_owned()];
+    files.extend(docs);
+    files
+}
+
+/// The headings of a markdown text, outside fenced code blocks (a TOML comment is no heading):
+/// (line index, level, title).
+fn headings(text: &str) -> Vec<(usize, usize, String)> {
+    let mut fenced = false;
+    let mut found = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        let level = line.chars().take_while(|&c| c == '#').count();
+        if !fenced && (1..=6).contains(&level) && line[level..].starts_with(' ') {
+            found.push((i, level, line[level..].trim().to_owned()));
+        }
+    }
+    found
+}
+
+/// The section of the markdown file `rel` under the heading `title` (any level), up to the next
+/// heading of the same or a higher level.
+fn doc_section(rel: &str, title: &str) -> String {
+    let text = read(rel);
+    let all = headings(&text);
+    let at = all
+        .iter()
+        .position(|(_, _, t)| t == title)
+        .unwrap_or_else(|| panic!("{rel} has no heading {title:?}"));
+    let (start, level, _) = all[at];
+    let end = all[at + 1..]
+        .iter()
+        .find(|(_, l, _)| *l <= level)
+        .map_or(usize::MAX, |(i, _, _)| *i);
+    let lines: Vec<&str> = text.lines().skip(start).take(end - start).collect();
+    lines.join("\n") + "\n"
+}
+
+/// The body of the first fenced block of `lang` in the section `title` of `rel`.
+fn doc_block(rel: &str, title: &str, lang: &str) -> String {
+    let section = doc_section(rel, title);
     let fence = format!("```{lang}\n");
-    let rest = &readme[start..];
-    let open = rest.find(&fence).expect("a fenced block") + fence.len();
-    let close = rest[open..].find("\n```").expect("a closed block");
-    rest[open..open + close + 1].to_owned()
+    let open = section
+        .find(&fence)
+        .unwrap_or_else(|| panic!("{rel} {title:?}: no ```{lang} block"))
+        + fence.len();
+    let close = section[open..].find("\n```").expect("a closed block");
+    section[open..open + close + 1].to_owned()
 }
 
 #[test]
-fn every_key_of_the_readme_config_reference_is_accepted() {
-    let block = readme_block("## Config reference", "toml");
-    let table: toml::Table = toml::from_str(&block).expect("the README block is TOML");
+fn every_key_of_the_config_reference_is_accepted() {
+    let block = doc_block("docs/configuration.md", "Config reference", "toml");
+    let table: toml::Table = toml::from_str(&block).expect("the reference block is TOML");
     // It shows both sources; the parser takes one at a time, so check each variant.
     for (kind, drop) in [("file", "etcd"), ("etcd", "file")] {
         let mut t = table.clone();
@@ -533,15 +589,18 @@ fn every_key_of_the_readme_config_reference_is_accepted() {
             .expect("[source]")
             .insert("kind".into(), kind.into());
         let text = toml::to_string(&t).expect("serialize");
-        if let Err(e) = Config::parse(&text, "README config reference") {
-            panic!("the README's config reference ({kind} source) is refused: {e}");
+        if let Err(e) = Config::parse(&text, "docs/configuration.md config reference") {
+            panic!("the config reference in docs/configuration.md ({kind} source) is refused: {e}");
         }
     }
     // Every table the parser knows is in the reference.
     for name in [
         "source", "file", "etcd", "template", "haproxy", "wait", "frontend", "guard", "admin",
     ] {
-        assert!(table.contains_key(name), "README reference lacks [{name}]");
+        assert!(
+            table.contains_key(name),
+            "the reference in docs/configuration.md lacks [{name}]"
+        );
     }
     // And the shipped examples parse.
     Config::load(&repo().join("examples/haconfd.toml")).expect("examples/haconfd.toml");
@@ -553,12 +612,12 @@ fn every_key_of_the_readme_config_reference_is_accepted() {
 }
 
 #[test]
-fn the_readme_sample_error_is_what_the_binary_prints() {
-    let readme = read("README.md");
-    let sample = readme
+fn the_documented_sample_error_is_what_the_binary_prints() {
+    let commands = read("docs/commands.md");
+    let sample = commands
         .lines()
         .find(|l| l.starts_with("haconfd: config key `wait.min`"))
-        .expect("the README's sample error");
+        .expect("the sample error in docs/commands.md");
     let ws = Workspace::new("yaml");
     ws.write_registry("services: {}\n");
     let text = ws
@@ -573,8 +632,8 @@ fn the_readme_sample_error_is_what_the_binary_prints() {
 #[test]
 fn sample_render_snapshot_matches_the_embedded_default() {
     assert!(
-        read("README.md").contains("docs/sample-render.cfg"),
-        "the README points at the sample"
+        read("docs/templates.md").contains("docs/sample-render.cfg"),
+        "docs/templates.md points at the sample"
     );
     let (out, dir) = haconfd_on_the_example(&["render", "--print"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -603,13 +662,8 @@ fn sample_render_snapshot_matches_the_embedded_default() {
 }
 
 #[test]
-fn the_readme_confd_ports_render() {
-    let readme = read("README.md");
-    let start = readme
-        .find("\n## Migrating from confd\n")
-        .expect("the migration section");
-    let section = &readme[start + 1..];
-    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+fn the_documented_confd_ports_render() {
+    let section = doc_section("docs/confd.md", "Migrating from confd");
     // The blocks in order: confd's template, the straight port, the typed port.
     let blocks: Vec<&str> = section.split("```\n").skip(1).step_by(2).collect();
     assert_eq!(blocks.len(), 3, "confd template, raw port, typed port");
@@ -628,18 +682,11 @@ fn the_readme_confd_ports_render() {
     }
 }
 
-/// Every test the README's "What haconfd survives" table names exists: a row whose test was
-/// renamed or removed would promise what nothing proves.
+/// Every test the "What haconfd survives" table (docs/operations.md) names exists: a row whose
+/// test was renamed or removed would promise what nothing proves.
 #[test]
 fn every_test_the_survival_table_names_exists() {
-    let readme = read("README.md");
-    let table = readme
-        .split("### What haconfd survives")
-        .nth(1)
-        .expect("the README has the table")
-        .split("\n### ")
-        .next()
-        .expect("the section");
+    let table = doc_section("docs/operations.md", "What haconfd survives");
     let mut named = 0;
     for row in table.lines().filter(|l| l.starts_with("| ")) {
         for cell in row.split('`').skip(1).step_by(2) {
@@ -649,7 +696,7 @@ fn every_test_the_survival_table_names_exists() {
             let source = read(&format!("tests/{file}.rs"));
             assert!(
                 source.contains(&format!("fn {name}()")),
-                "the README names {file}::{name}, which tests/{file}.rs does not have"
+                "docs/operations.md names {file}::{name}, which tests/{file}.rs does not have"
             );
             named += 1;
         }
