@@ -632,8 +632,8 @@ fn the_documented_sample_error_is_what_the_binary_prints() {
 #[test]
 fn sample_render_snapshot_matches_the_embedded_default() {
     assert!(
-        read("docs/templates.md").contains("docs/sample-render.cfg"),
-        "docs/templates.md points at the sample"
+        read("docs/templates.md").contains("](sample-render.cfg)"),
+        "docs/templates.md links the sample"
     );
     let (out, dir) = haconfd_on_the_example(&["render", "--print"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -702,4 +702,163 @@ fn every_test_the_survival_table_names_exists() {
         }
     }
     assert!(named >= 20, "only {named} tests named");
+}
+
+/// GitHub's anchor for a heading: lowercased, every character but letters, digits, spaces, '-'
+/// and '_' dropped (so markup and punctuation go), each space a '-'.
+fn github_anchor(title: &str) -> String {
+    title
+        .chars()
+        .flat_map(char::to_lowercase)
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors the headings of a markdown text produce; a repeated one gets "-1", "-2", ...
+fn anchors(text: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for (_, _, title) in headings(text) {
+        let base = github_anchor(&title);
+        let mut anchor = base.clone();
+        let mut n = 0;
+        while seen.contains(&anchor) {
+            n += 1;
+            anchor = format!("{base}-{n}");
+        }
+        seen.push(anchor);
+    }
+    seen
+}
+
+/// The targets of the inline links (`[text](target)`) and link definitions (`[label]: target`)
+/// of a markdown text, outside fenced blocks and code spans, with the line each starts on.
+fn link_targets(text: &str) -> Vec<(usize, String)> {
+    // Paragraphs outside fences, so that a code span or a link broken over two lines is whole.
+    let mut paragraphs: Vec<(usize, String)> = Vec::new();
+    let mut fenced = false;
+    let mut open = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            open = false;
+            continue;
+        }
+        if fenced || line.trim().is_empty() {
+            open = false;
+            continue;
+        }
+        match paragraphs.last_mut() {
+            Some((_, p)) if open => {
+                p.push('\n');
+                p.push_str(line);
+            }
+            _ => paragraphs.push((i + 1, line.to_owned())),
+        }
+        open = true;
+    }
+    let mut targets = Vec::new();
+    for (first, paragraph) in paragraphs {
+        // Code spans hold no links: blank them out, keeping the line breaks where they are.
+        let mut code = false;
+        let prose: String = paragraph
+            .chars()
+            .map(|c| {
+                if c == '`' {
+                    code = !code;
+                    ' '
+                } else if code && c != '\n' {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let line_of = |at: usize| first + prose[..at].matches('\n').count();
+        for (at, _) in prose.match_indices("](") {
+            let rest = &prose[at + 2..];
+            let end = rest.find([')', ' ', '\n']).unwrap_or(rest.len());
+            targets.push((line_of(at), rest[..end].to_owned()));
+        }
+        let mut at = 0;
+        for l in prose.split_inclusive('\n') {
+            if let Some((label, target)) = l.trim_start().split_once("]: ")
+                && label.starts_with('[')
+                && !label.contains(']')
+            {
+                targets.push((line_of(at), target.trim().to_owned()));
+            }
+            at += l.len();
+        }
+    }
+    targets
+}
+
+/// Every relative link in README.md and docs/*.md points at a file that exists, and a link
+/// with an anchor (`file.md#anchor`, or `#anchor` in the same file) at a heading that makes
+/// that anchor: a section moved or renamed would leave a reader at a dead end.
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    // The anchors are GitHub's (these are the ones it makes for these headings).
+    assert_eq!(
+        github_anchor("Out of inotify instances, and orphaned processes"),
+        "out-of-inotify-instances-and-orphaned-processes"
+    );
+    assert_eq!(
+        github_anchor("Server-only changes: the Runtime API, no reload"),
+        "server-only-changes-the-runtime-api-no-reload"
+    );
+    assert_eq!(
+        github_anchor("`haconfd fleet` — the view"),
+        "haconfd-fleet--the-view"
+    );
+    let links = link_targets(
+        "[a](x.md#y) `[b](not-a-link.md)` and [c\n`d`](z.md)\n\n```\n[e](code.md)\n```\n[f]: w.md\n",
+    );
+    let want = [(1, "x.md#y"), (2, "z.md"), (7, "w.md")].map(|(l, t)| (l, t.to_owned()));
+    assert_eq!(links, want, "the link reader");
+
+    let mut checked = 0;
+    let mut broken = Vec::new();
+    for file in doc_files() {
+        let text = read(&file);
+        let dir = Path::new(&file).parent().unwrap_or(Path::new(""));
+        for (line, target) in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').unwrap_or((target.as_str(), ""));
+            let rel = match path.strip_prefix('/') {
+                Some(from_root) => Path::new(from_root).to_path_buf(),
+                None if path.is_empty() => Path::new(&file).to_path_buf(),
+                None => dir.join(path),
+            };
+            checked += 1;
+            let full = repo().join(&rel);
+            if !full.exists() {
+                broken.push(format!(
+                    "{file}:{line}: {target}: {} does not exist",
+                    rel.display()
+                ));
+                continue;
+            }
+            if anchor.is_empty() {
+                continue;
+            }
+            let Ok(target_text) = std::fs::read_to_string(&full) else {
+                broken.push(format!(
+                    "{file}:{line}: {target}: an anchor into a non-text file"
+                ));
+                continue;
+            };
+            if !anchors(&target_text).iter().any(|a| a == anchor) {
+                broken.push(format!(
+                    "{file}:{line}: {target}: no heading in {} makes the anchor #{anchor}",
+                    rel.display()
+                ));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    assert!(checked >= 15, "only {checked} relative links checked");
 }
