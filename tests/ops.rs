@@ -862,3 +862,32 @@ fn every_relative_link_in_the_docs_resolves() {
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
     assert!(checked >= 15, "only {checked} relative links checked");
 }
+
+/// The README stays what a newcomer reads on one or two screens, and its table of contents
+/// links every file in docs/: reference text belongs in docs/, and a new docs/ file that the
+/// README does not link is one nobody finds.
+#[test]
+fn the_readme_stays_short_and_links_every_doc() {
+    let readme = read("README.md");
+    let lines = readme.lines().count();
+    assert!(
+        lines <= 130,
+        "README.md has {lines} lines; put reference text in docs/ and link it from the README"
+    );
+    let linked: Vec<String> = link_targets(&readme)
+        .into_iter()
+        .map(|(_, target)| target.split('#').next().unwrap_or_default().to_owned())
+        .collect();
+    for file in doc_files().iter().filter(|f| f.starts_with("docs/")) {
+        assert!(
+            linked.contains(file),
+            "README.md does not link {file}: add it to the table of contents"
+        );
+    }
+    for file in ["ARCHITECTURE.md", "CHANGELOG.md"] {
+        assert!(
+            linked.iter().any(|l| l == file),
+            "README.md does not link {file}"
+        );
+    }
+}
