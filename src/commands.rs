@@ -691,7 +691,7 @@ impl LameDuck {
             let (backend, server) = runtime::LAME_DUCK_SWITCH;
             tracing::error!(
                 error = %e,
-                "lame duck skipped: the health check cannot be failed (a custom template needs the `{backend}` backend with a server `{server}`, and `monitor fail` on it; see the README); soft stop now"
+                "lame duck skipped: the health check cannot be failed (a custom template needs the `{backend}` backend with a server `{server}`, and `monitor fail` on it; see docs/templates.md, The default template); soft stop now"
             );
             return;
         }

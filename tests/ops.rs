@@ -1,6 +1,7 @@
 //! Operations: JSON logs, `version`, completions and the man page, systemd's notify protocol,
 //! the node's example config and the container entrypoint, and docs that cannot drift from the
-//! binary (the README's config reference, its sample error, and docs/sample-render.cfg).
+//! binary (the config reference and the sample error in docs/, the confd ports, the survival
+//! table's tests, and docs/sample-render.cfg).
 //!
 //! Snapshots: `UPDATE_SNAPSHOTS=1 cargo test --test ops` rewrites docs/sample-render.cfg.
 
@@ -491,11 +492,12 @@ fn image_tags_name_a_commit_and_never_latest() {
         sha.len() >= 7 && sha.chars().all(|c| c.is_ascii_hexdigit()),
         "{tag}"
     );
-    for file in [
-        "haproxy/Dockerfile",
-        "haproxy/haconfd-container.service",
-        "README.md",
-    ] {
+    let mut files = vec![
+        "haproxy/Dockerfile".to_owned(),
+        "haproxy/haconfd-container.service".to_owned(),
+    ];
+    files.extend(doc_files());
+    for file in &files {
         assert!(
             !read(file).contains("haconfd:latest"),
             "{file} names :latest"
@@ -507,23 +509,77 @@ fn image_tags_name_a_commit_and_never_latest() {
 // Docs that cannot drift
 // ---------------------------------------------------------------------------------------------
 
-/// The body of the first fenced block of `lang` after the heading `heading` in the README.
-fn readme_block(heading: &str, lang: &str) -> String {
-    let readme = read("README.md");
-    let start = readme
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README has no {heading:?}"));
+/// The markdown a reader follows: README.md, then docs/*.md by name.
+fn doc_files() -> Vec<String> {
+    let mut docs: Vec<String> = std::fs::read_dir(repo().join("docs"))
+        .expect("read docs/")
+        .map(|e| {
+            e.expect("a docs/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| format!("docs/{name}"))
+        .collect();
+    docs.sort();
+    let mut files = vec!["README.md".to_owned()];
+    files.extend(docs);
+    files
+}
+
+/// The headings of a markdown text, outside fenced code blocks (a TOML comment is no heading):
+/// (line index, level, title).
+fn headings(text: &str) -> Vec<(usize, usize, String)> {
+    let mut fenced = false;
+    let mut found = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        let level = line.chars().take_while(|&c| c == '#').count();
+        if !fenced && (1..=6).contains(&level) && line[level..].starts_with(' ') {
+            found.push((i, level, line[level..].trim().to_owned()));
+        }
+    }
+    found
+}
+
+/// The section of the markdown file `rel` under the heading `title` (any level), up to the next
+/// heading of the same or a higher level.
+fn doc_section(rel: &str, title: &str) -> String {
+    let text = read(rel);
+    let all = headings(&text);
+    let at = all
+        .iter()
+        .position(|(_, _, t)| t == title)
+        .unwrap_or_else(|| panic!("{rel} has no heading {title:?}"));
+    let (start, level, _) = all[at];
+    let end = all[at + 1..]
+        .iter()
+        .find(|(_, l, _)| *l <= level)
+        .map_or(usize::MAX, |(i, _, _)| *i);
+    let lines: Vec<&str> = text.lines().skip(start).take(end - start).collect();
+    lines.join("\n") + "\n"
+}
+
+/// The body of the first fenced block of `lang` in the section `title` of `rel`.
+fn doc_block(rel: &str, title: &str, lang: &str) -> String {
+    let section = doc_section(rel, title);
     let fence = format!("```{lang}\n");
-    let rest = &readme[start..];
-    let open = rest.find(&fence).expect("a fenced block") + fence.len();
-    let close = rest[open..].find("\n```").expect("a closed block");
-    rest[open..open + close + 1].to_owned()
+    let open = section
+        .find(&fence)
+        .unwrap_or_else(|| panic!("{rel} {title:?}: no ```{lang} block"))
+        + fence.len();
+    let close = section[open..].find("\n```").expect("a closed block");
+    section[open..open + close + 1].to_owned()
 }
 
 #[test]
-fn every_key_of_the_readme_config_reference_is_accepted() {
-    let block = readme_block("## Config reference", "toml");
-    let table: toml::Table = toml::from_str(&block).expect("the README block is TOML");
+fn every_key_of_the_config_reference_is_accepted() {
+    let block = doc_block("docs/configuration.md", "Config reference", "toml");
+    let table: toml::Table = toml::from_str(&block).expect("the reference block is TOML");
     // It shows both sources; the parser takes one at a time, so check each variant.
     for (kind, drop) in [("file", "etcd"), ("etcd", "file")] {
         let mut t = table.clone();
@@ -533,15 +589,18 @@ fn every_key_of_the_readme_config_reference_is_accepted() {
             .expect("[source]")
             .insert("kind".into(), kind.into());
         let text = toml::to_string(&t).expect("serialize");
-        if let Err(e) = Config::parse(&text, "README config reference") {
-            panic!("the README's config reference ({kind} source) is refused: {e}");
+        if let Err(e) = Config::parse(&text, "docs/configuration.md config reference") {
+            panic!("the config reference in docs/configuration.md ({kind} source) is refused: {e}");
         }
     }
     // Every table the parser knows is in the reference.
     for name in [
         "source", "file", "etcd", "template", "haproxy", "wait", "frontend", "guard", "admin",
     ] {
-        assert!(table.contains_key(name), "README reference lacks [{name}]");
+        assert!(
+            table.contains_key(name),
+            "the reference in docs/configuration.md lacks [{name}]"
+        );
     }
     // And the shipped examples parse.
     Config::load(&repo().join("examples/haconfd.toml")).expect("examples/haconfd.toml");
@@ -553,12 +612,12 @@ fn every_key_of_the_readme_config_reference_is_accepted() {
 }
 
 #[test]
-fn the_readme_sample_error_is_what_the_binary_prints() {
-    let readme = read("README.md");
-    let sample = readme
+fn the_documented_sample_error_is_what_the_binary_prints() {
+    let commands = read("docs/commands.md");
+    let sample = commands
         .lines()
         .find(|l| l.starts_with("haconfd: config key `wait.min`"))
-        .expect("the README's sample error");
+        .expect("the sample error in docs/commands.md");
     let ws = Workspace::new("yaml");
     ws.write_registry("services: {}\n");
     let text = ws
@@ -573,8 +632,8 @@ fn the_readme_sample_error_is_what_the_binary_prints() {
 #[test]
 fn sample_render_snapshot_matches_the_embedded_default() {
     assert!(
-        read("README.md").contains("docs/sample-render.cfg"),
-        "the README points at the sample"
+        read("docs/templates.md").contains("](sample-render.cfg)"),
+        "docs/templates.md links the sample"
     );
     let (out, dir) = haconfd_on_the_example(&["render", "--print"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -603,13 +662,8 @@ fn sample_render_snapshot_matches_the_embedded_default() {
 }
 
 #[test]
-fn the_readme_confd_ports_render() {
-    let readme = read("README.md");
-    let start = readme
-        .find("\n## Migrating from confd\n")
-        .expect("the migration section");
-    let section = &readme[start + 1..];
-    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+fn the_documented_confd_ports_render() {
+    let section = doc_section("docs/confd.md", "Migrating from confd");
     // The blocks in order: confd's template, the straight port, the typed port.
     let blocks: Vec<&str> = section.split("```\n").skip(1).step_by(2).collect();
     assert_eq!(blocks.len(), 3, "confd template, raw port, typed port");
@@ -628,18 +682,11 @@ fn the_readme_confd_ports_render() {
     }
 }
 
-/// Every test the README's "What haconfd survives" table names exists: a row whose test was
-/// renamed or removed would promise what nothing proves.
+/// Every test the "What haconfd survives" table (docs/operations.md) names exists: a row whose
+/// test was renamed or removed would promise what nothing proves.
 #[test]
 fn every_test_the_survival_table_names_exists() {
-    let readme = read("README.md");
-    let table = readme
-        .split("### What haconfd survives")
-        .nth(1)
-        .expect("the README has the table")
-        .split("\n### ")
-        .next()
-        .expect("the section");
+    let table = doc_section("docs/operations.md", "What haconfd survives");
     let mut named = 0;
     for row in table.lines().filter(|l| l.starts_with("| ")) {
         for cell in row.split('`').skip(1).step_by(2) {
@@ -649,10 +696,198 @@ fn every_test_the_survival_table_names_exists() {
             let source = read(&format!("tests/{file}.rs"));
             assert!(
                 source.contains(&format!("fn {name}()")),
-                "the README names {file}::{name}, which tests/{file}.rs does not have"
+                "docs/operations.md names {file}::{name}, which tests/{file}.rs does not have"
             );
             named += 1;
         }
     }
     assert!(named >= 20, "only {named} tests named");
+}
+
+/// GitHub's anchor for a heading: lowercased, every character but letters, digits, spaces, '-'
+/// and '_' dropped (so markup and punctuation go), each space a '-'.
+fn github_anchor(title: &str) -> String {
+    title
+        .chars()
+        .flat_map(char::to_lowercase)
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors the headings of a markdown text produce; a repeated one gets "-1", "-2", ...
+fn anchors(text: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for (_, _, title) in headings(text) {
+        let base = github_anchor(&title);
+        let mut anchor = base.clone();
+        let mut n = 0;
+        while seen.contains(&anchor) {
+            n += 1;
+            anchor = format!("{base}-{n}");
+        }
+        seen.push(anchor);
+    }
+    seen
+}
+
+/// The targets of the inline links (`[text](target)`) and link definitions (`[label]: target`)
+/// of a markdown text, outside fenced blocks and code spans, with the line each starts on.
+fn link_targets(text: &str) -> Vec<(usize, String)> {
+    // Paragraphs outside fences, so that a code span or a link broken over two lines is whole.
+    let mut paragraphs: Vec<(usize, String)> = Vec::new();
+    let mut fenced = false;
+    let mut open = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            open = false;
+            continue;
+        }
+        if fenced || line.trim().is_empty() {
+            open = false;
+            continue;
+        }
+        match paragraphs.last_mut() {
+            Some((_, p)) if open => {
+                p.push('\n');
+                p.push_str(line);
+            }
+            _ => paragraphs.push((i + 1, line.to_owned())),
+        }
+        open = true;
+    }
+    let mut targets = Vec::new();
+    for (first, paragraph) in paragraphs {
+        // Code spans hold no links: blank them out, keeping the line breaks where they are.
+        let mut code = false;
+        let prose: String = paragraph
+            .chars()
+            .map(|c| {
+                if c == '`' {
+                    code = !code;
+                    ' '
+                } else if code && c != '\n' {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let line_of = |at: usize| first + prose[..at].matches('\n').count();
+        for (at, _) in prose.match_indices("](") {
+            let rest = &prose[at + 2..];
+            let end = rest.find([')', ' ', '\n']).unwrap_or(rest.len());
+            targets.push((line_of(at), rest[..end].to_owned()));
+        }
+        let mut at = 0;
+        for l in prose.split_inclusive('\n') {
+            if let Some((label, target)) = l.trim_start().split_once("]: ")
+                && label.starts_with('[')
+                && !label.contains(']')
+            {
+                targets.push((line_of(at), target.trim().to_owned()));
+            }
+            at += l.len();
+        }
+    }
+    targets
+}
+
+/// Every relative link in README.md and docs/*.md points at a file that exists, and a link
+/// with an anchor (`file.md#anchor`, or `#anchor` in the same file) at a heading that makes
+/// that anchor: a section moved or renamed would leave a reader at a dead end.
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    // The anchors are GitHub's (these are the ones it makes for these headings).
+    assert_eq!(
+        github_anchor("Out of inotify instances, and orphaned processes"),
+        "out-of-inotify-instances-and-orphaned-processes"
+    );
+    assert_eq!(
+        github_anchor("Server-only changes: the Runtime API, no reload"),
+        "server-only-changes-the-runtime-api-no-reload"
+    );
+    assert_eq!(
+        github_anchor("`haconfd fleet` — the view"),
+        "haconfd-fleet--the-view"
+    );
+    let links = link_targets(
+        "[a](x.md#y) `[b](not-a-link.md)` and [c\n`d`](z.md)\n\n```\n[e](code.md)\n```\n[f]: w.md\n",
+    );
+    let want = [(1, "x.md#y"), (2, "z.md"), (7, "w.md")].map(|(l, t)| (l, t.to_owned()));
+    assert_eq!(links, want, "the link reader");
+
+    let mut checked = 0;
+    let mut broken = Vec::new();
+    for file in doc_files() {
+        let text = read(&file);
+        let dir = Path::new(&file).parent().unwrap_or(Path::new(""));
+        for (line, target) in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').unwrap_or((target.as_str(), ""));
+            let rel = match path.strip_prefix('/') {
+                Some(from_root) => Path::new(from_root).to_path_buf(),
+                None if path.is_empty() => Path::new(&file).to_path_buf(),
+                None => dir.join(path),
+            };
+            checked += 1;
+            let full = repo().join(&rel);
+            if !full.exists() {
+                broken.push(format!(
+                    "{file}:{line}: {target}: {} does not exist",
+                    rel.display()
+                ));
+                continue;
+            }
+            if anchor.is_empty() {
+                continue;
+            }
+            let Ok(target_text) = std::fs::read_to_string(&full) else {
+                broken.push(format!(
+                    "{file}:{line}: {target}: an anchor into a non-text file"
+                ));
+                continue;
+            };
+            if !anchors(&target_text).iter().any(|a| a == anchor) {
+                broken.push(format!(
+                    "{file}:{line}: {target}: no heading in {} makes the anchor #{anchor}",
+                    rel.display()
+                ));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    assert!(checked >= 15, "only {checked} relative links checked");
+}
+
+/// The README stays what a newcomer reads on one or two screens, and its table of contents
+/// links every file in docs/: reference text belongs in docs/, and a new docs/ file that the
+/// README does not link is one nobody finds.
+#[test]
+fn the_readme_stays_short_and_links_every_doc() {
+    let readme = read("README.md");
+    let lines = readme.lines().count();
+    assert!(
+        lines <= 130,
+        "README.md has {lines} lines; put reference text in docs/ and link it from the README"
+    );
+    let linked: Vec<String> = link_targets(&readme)
+        .into_iter()
+        .map(|(_, target)| target.split('#').next().unwrap_or_default().to_owned())
+        .collect();
+    for file in doc_files().iter().filter(|f| f.starts_with("docs/")) {
+        assert!(
+            linked.contains(file),
+            "README.md does not link {file}: add it to the table of contents"
+        );
+    }
+    for file in ["ARCHITECTURE.md", "CHANGELOG.md"] {
+        assert!(
+            linked.iter().any(|l| l == file),
+            "README.md does not link {file}"
+        );
+    }
 }
