@@ -2,7 +2,7 @@
 //!
 //! Functions read the raw key space of one [`Snapshot`]; they are registered anew for every
 //! render with the snapshot they must see. Every value they return has passed the screen of
-//! [`Snapshot::screen`]. Names and keyword arguments follow confd, documented in the README.
+//! [`Snapshot::screen`]. Names and keyword arguments follow confd, documented in docs/templates.md.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
