@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::etcd::Backoff;
 use crate::guard::Guard;
 use crate::haproxy::install::{self, Check, InstallError, Outcome};
 use crate::haproxy::validate::ValidateError;
@@ -23,7 +24,6 @@ use crate::model::{ParseCache, Registry, Rejection};
 use crate::render::{RenderError, Rendered, Templates};
 use crate::slots::Slots;
 use crate::source::Update;
-use crate::source::etcd::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {

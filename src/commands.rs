@@ -277,8 +277,8 @@ async fn etcd_version(config: &Result<Config, ConfigError>) -> String {
     let mut etcd = etcd.clone();
     etcd.dial_timeout = etcd.dial_timeout.min(VERSION_ETCD_TIMEOUT);
     let endpoints = etcd.endpoints.join(",");
-    let connected = match source::etcd::connect_options(&etcd) {
-        Ok(options) => source::etcd::connect_with(&etcd, options).await,
+    let connected = match crate::etcd::connect_options(&etcd) {
+        Ok(options) => crate::etcd::connect_with(&etcd, options).await,
         Err(e) => Err(e),
     };
     let mut client = match connected {

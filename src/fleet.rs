@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Client, GetOptions, KeyValue, KvClient, PutOptions};
+use crate::etcd::{Client, GetOptions, KeyValue, KvClient, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -26,12 +26,11 @@ use tokio::task::JoinHandle;
 use crate::cli::FleetArgs;
 use crate::commands::{self, ConfigSource, Failure};
 use crate::config::{Config, EtcdConfig, HaproxyMode, SourceKind};
-use crate::lease::{self, Held, Lost, Opened};
-use crate::metrics::Metrics;
-use crate::source::etcd::{
-    self as etcd_source, BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, MAX_MESSAGE,
-    Members, Pages,
+use crate::etcd::lease::{self, Held, Lost, Opened};
+use crate::etcd::{
+    BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, MAX_MESSAGE, Members, Pages,
 };
+use crate::metrics::Metrics;
 
 /// The node key's lease: a node that dies leaves the view this long after its last keep-alive
 /// (sent every TTL/3, 10 s).
@@ -447,8 +446,8 @@ pub async fn command(cs: &ConfigSource, args: FleetArgs) -> Result<(), Failure> 
             let c = match &client {
                 Some(c) => c.clone(),
                 None => {
-                    let options = etcd_source::connect_options(&etcd)?;
-                    let (c, _) = etcd_source::connect_with(&etcd, options).await?;
+                    let options = crate::etcd::connect_options(&etcd)?;
+                    let (c, _) = crate::etcd::connect_with(&etcd, options).await?;
                     client = Some(c.clone());
                     c
                 }
@@ -752,7 +751,7 @@ async fn get(
     key: &str,
     options: GetOptions,
     user: Option<&str>,
-) -> Result<etcd_client::GetResponse, EtcdFailure> {
+) -> Result<crate::etcd::GetResponse, EtcdFailure> {
     let what = format!("{what} {key:?}");
     tokio::time::timeout(CALL_TIMEOUT, kv.get(key, Some(options)))
         .await

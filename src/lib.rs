@@ -3,7 +3,9 @@
 //! - `cli`      — the command line (clap), parsing only
 //! - `config`   — the TOML config file → validated `Config`; errors name key, value and fix
 //! - `model`    — raw pairs → screened `Snapshot` → typed `Registry`
-//! - `source`   — where pairs come from: `file` (notify) today, etcd next
+//! - `source`   — where pairs come from: `file` (notify, or polling) and `etcd` (read, watch)
+//! - `etcd`     — the etcd client, the only module that knows etcd-client: connect, TLS, auth,
+//!   members, backoff, paged reads, failure kinds, leases
 //! - `slots`    — which server line each instance occupies, stable across applies
 //! - `render`   — pure: `(Snapshot, Registry) → bytes`, with the confd-equivalent functions
 //! - `haproxy`  — `haproxy -c`, atomic install, master socket, supervised HAProxy, reload command
@@ -14,7 +16,6 @@
 //! - `reconfig` — the config file and templates read again (SIGHUP, an edit); unchanged bytes do nothing
 //! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `fleet`    — each node's state published to etcd, and `haconfd fleet`: who has converged
-//! - `lease`    — an etcd lease kept alive by a long-running client (announce, fleet)
 //! - `commands` — the subcommands, with exit codes
 //! - `metrics`  — Prometheus metrics and readiness state
 //! - `logging`  — log output that never blocks or kills the daemon; the panic rule (exit 70)
@@ -27,11 +28,11 @@ pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod etcd;
 pub mod fleet;
 pub mod guard;
 pub mod haproxy;
 pub mod isolate;
-pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod model;

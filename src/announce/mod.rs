@@ -27,11 +27,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::cli::AnnounceArgs;
 use crate::commands::{ConfigSource, Failure};
 use crate::config::EtcdConfig;
+use crate::etcd::Backoff;
 use crate::model::{
     self, Host, MAX_VALUE_LEN, Registry, SERVICES_PREFIX, Snapshot, is_config_unsafe, is_http_path,
     is_instance_id, is_service_name,
 };
-use crate::source::etcd::Backoff;
 
 /// Lease TTL bounds: below 5 s a short etcd hiccup drops the instance; above an hour a
 /// crashed instance lingers too long in every HAProxy.

@@ -8,14 +8,14 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions};
+use crate::etcd::{Client, PutOptions};
 
 use super::check::Health;
 use super::{Registration, Shutdown};
 use crate::commands::Failure;
 use crate::config::EtcdConfig;
-use crate::lease::{self, Held, Lost, Opened, not_found as lease_not_found};
-use crate::source::etcd::{
+use crate::etcd::lease::{self, Held, Lost, Opened, not_found as lease_not_found};
+use crate::etcd::{
     BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members, backoff_sleep,
 };
 
@@ -230,7 +230,7 @@ async fn call<T>(
     what: &str,
     deadline: Duration,
     user: Option<&str>,
-    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    fut: impl Future<Output = Result<T, crate::etcd::Error>>,
 ) -> Result<T, End> {
     lease::call(what, deadline, user, fut)
         .await
@@ -303,7 +303,7 @@ async fn session_inner(
 
 /// Puts the key under the lease when up, deletes it when down.
 async fn write(
-    kv: &mut etcd_client::KvClient,
+    kv: &mut crate::etcd::KvClient,
     st: &mut State,
     reg: &Registration,
     lease: i64,

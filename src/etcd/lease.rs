@@ -11,10 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, MaintenanceClient};
-
+use super::{
+    self as etcd, Client, Failure as EtcdFailure, Kind, LeaseKeepAliveStream, LeaseKeeper,
+    MaintenanceClient, Members,
+};
 use crate::config::EtcdConfig;
-use crate::source::etcd::{self, Failure as EtcdFailure, Kind, Members};
 
 /// HTTP/2 keep-alive on a lease holder's connection. Its lease keep-alives may be far apart
 /// (every 100 s with announce's default 5 m TTL), and etcd closes a connection that pings more
@@ -58,10 +59,10 @@ pub(crate) enum Lost {
 }
 
 /// Whether etcd says the lease does not exist.
-pub(crate) fn not_found(e: &etcd_client::Error) -> bool {
+pub(crate) fn not_found(e: &crate::etcd::Error) -> bool {
     match e {
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        crate::etcd::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        crate::etcd::Error::GRpcStatus(s) => s.message().contains("lease not found"),
         _ => false,
     }
 }
@@ -71,7 +72,7 @@ pub(crate) async fn call<T>(
     what: &str,
     deadline: Duration,
     user: Option<&str>,
-    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    fut: impl Future<Output = Result<T, crate::etcd::Error>>,
 ) -> Result<T, Lost> {
     match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(v)) => Ok(v),
