@@ -16,7 +16,12 @@ use nix::errno::Errno;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::SourceError;
+use std::sync::Arc;
+
+use super::{SourceError, Update};
+use crate::config::FileConfig;
+use crate::metrics::Metrics;
+use crate::model::Snapshot;
 
 /// Reads and flattens the registry file. The file may hold bytes that are not UTF-8: they become
 /// U+FFFD, which the snapshot screen rejects by key, so one bad value never loses the others.
@@ -106,6 +111,62 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Whether a polling watcher has warned yet: the fix is the same for every watcher, so the
 /// warning is logged once per process.
 static POLL_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// One read of the registry file, screened and stamped with `revision`.
+pub(crate) fn read_update(
+    f: &FileConfig,
+    prefixes: &[String],
+    revision: i64,
+) -> Result<Update, SourceError> {
+    Ok(Update::screen(revision, prefixes, read(&f.path)?))
+}
+
+/// The file source: reads the registry file, sends the first [`Update`], then watches it and
+/// sends a new one whenever its data changes. A read that fails (a missing or half-written
+/// file, a syntax error) is logged and the last good state stays; nothing is sent before the
+/// first good read. The task ends when the receiver is dropped.
+pub(crate) fn spawn_watch(
+    f: &FileConfig,
+    prefixes: &[String],
+    tx: mpsc::Sender<Update>,
+    metrics: Arc<Metrics>,
+) -> Result<tokio::task::JoinHandle<()>, SourceError> {
+    // Watch before the first read, so that a change between the two is not missed.
+    let (watcher, mut changes) = FileWatcher::start(std::slice::from_ref(&f.path))?;
+    if watcher.polling() {
+        metrics.file_watch_polling.inc();
+    }
+    let (f, prefixes) = (f.clone(), prefixes.to_vec());
+    Ok(tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut revision = 0;
+        let mut last: Option<Arc<Snapshot>> = None;
+        loop {
+            match read_update(&f, &prefixes, revision + 1) {
+                Ok(update) if last.as_ref().is_some_and(|l| l.kv == update.snapshot.kv) => {
+                    // Readable again with the same data: nothing to send, but current.
+                    metrics.source_ok();
+                }
+                Ok(update) => {
+                    revision += 1;
+                    last = Some(Arc::clone(&update.snapshot));
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    metrics.source_down("registry file unreadable");
+                    tracing::warn!(error = %e, "registry file unreadable; keeping the last good state")
+                }
+            }
+            if changes.recv().await.is_none() {
+                return;
+            }
+            // Drain what queued up behind this event: one read covers them all.
+            while changes.try_recv().is_ok() {}
+        }
+    }))
+}
 
 /// Watches files through their parent directories (inotify), or, where inotify is out of
 /// instances or watches, by looking at each file every [`POLL_INTERVAL`]. Dropping it stops

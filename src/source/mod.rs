@@ -1,4 +1,4 @@
-//! Sources of key-value data: the file source today, etcd next. A source delivers whole,
+//! Sources of key-value data: the file source (`file`) and etcd (`etcd`). A source delivers whole,
 //! screened snapshots; the reactor never sees a partial state.
 
 pub mod etcd;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, FileConfig, SourceKind};
+use crate::config::{Config, SourceKind};
 use crate::metrics::Metrics;
 use crate::model::{Rejection, Snapshot};
 
@@ -52,13 +52,9 @@ impl Update {
 /// revision stamped on a file read; etcd reads carry etcd's.
 pub async fn read_once(config: &Config, revision: i64) -> Result<Update, SourceError> {
     match &config.source.kind {
-        SourceKind::File(f) => read_file(f, &config.source.prefixes, revision),
+        SourceKind::File(f) => file::read_update(f, &config.source.prefixes, revision),
         SourceKind::Etcd(e) => etcd::read_once(e, &config.source.prefixes).await,
     }
-}
-
-fn read_file(f: &FileConfig, prefixes: &[String], revision: i64) -> Result<Update, SourceError> {
-    Ok(Update::screen(revision, prefixes, file::read(&f.path)?))
 }
 
 /// Reads the configured source, sends the first [`Update`], then watches it and sends a new one
@@ -74,39 +70,5 @@ pub fn spawn_watch(
         SourceKind::File(f) => f,
         SourceKind::Etcd(_) => return Ok(etcd::spawn_watch(config, tx, metrics)),
     };
-    // Watch before the first read, so that a change between the two is not missed.
-    let (watcher, mut changes) = file::FileWatcher::start(std::slice::from_ref(&f.path))?;
-    if watcher.polling() {
-        metrics.file_watch_polling.inc();
-    }
-    let (f, prefixes) = (f.clone(), config.source.prefixes.clone());
-    Ok(tokio::spawn(async move {
-        let _watcher = watcher;
-        let mut revision = 0;
-        let mut last: Option<Arc<Snapshot>> = None;
-        loop {
-            match read_file(&f, &prefixes, revision + 1) {
-                Ok(update) if last.as_ref().is_some_and(|l| l.kv == update.snapshot.kv) => {
-                    // Readable again with the same data: nothing to send, but current.
-                    metrics.source_ok();
-                }
-                Ok(update) => {
-                    revision += 1;
-                    last = Some(Arc::clone(&update.snapshot));
-                    if tx.send(update).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    metrics.source_down("registry file unreadable");
-                    tracing::warn!(error = %e, "registry file unreadable; keeping the last good state")
-                }
-            }
-            if changes.recv().await.is_none() {
-                return;
-            }
-            // Drain what queued up behind this event: one read covers them all.
-            while changes.try_recv().is_ok() {}
-        }
-    }))
+    file::spawn_watch(f, &config.source.prefixes, tx, metrics)
 }
