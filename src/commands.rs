@@ -11,7 +11,8 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::apply::{self, Applier};
-use crate::config::{self, Config, ConfigError, HaproxyMode, SourceKind};
+use crate::config::{Config, ConfigError, ConfigSource, HaproxyMode, SourceKind};
+pub use crate::failure::{Failure, write_stdout};
 use crate::haproxy::{ApplyKind, Controller, install, runtime, supervise, validate};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
@@ -19,62 +20,6 @@ use crate::reactor::{self, Apply, Event, Work};
 use crate::reconfig::{self, Reloaded, Reloader};
 use crate::render::{Rendered, Templates};
 use crate::source::{self, Update};
-
-/// A command that did not succeed, with its exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum Failure {
-    #[error("{0}")]
-    Usage(String),
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    // Our error types carry their causes in their messages: `{:#}` would print each twice.
-    #[error("{0}")]
-    Runtime(#[from] anyhow::Error),
-}
-
-impl Failure {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Failure::Usage(_) | Failure::Config(_) => 64,
-            Failure::Runtime(_) => 1,
-        }
-    }
-}
-
-/// Where the config comes from.
-#[derive(Debug, Clone)]
-pub enum ConfigSource {
-    Path(PathBuf),
-    Embedded,
-}
-
-impl ConfigSource {
-    /// `--config` / `HACONFD_CONFIG` when given; else the default path when it exists; else the
-    /// embedded default.
-    pub fn resolve(given: Option<PathBuf>) -> ConfigSource {
-        match given {
-            Some(p) => ConfigSource::Path(p),
-            None if Path::new(config::DEFAULT_PATH).exists() => {
-                ConfigSource::Path(config::DEFAULT_PATH.into())
-            }
-            None => ConfigSource::Embedded,
-        }
-    }
-
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        match self {
-            ConfigSource::Path(p) => Config::load(p),
-            ConfigSource::Embedded => Config::embedded_default(),
-        }
-    }
-
-    fn path(&self) -> Option<&Path> {
-        match self {
-            ConfigSource::Path(p) => Some(p),
-            ConfigSource::Embedded => None,
-        }
-    }
-}
 
 fn load_templates(config: &Config) -> Result<Templates, Failure> {
     Templates::load(config).map_err(|e| Failure::Runtime(e.into()))
@@ -310,33 +255,6 @@ pub fn manpage() -> Result<(), Failure> {
         .render(&mut out)
         .map_err(|e| Failure::Runtime(e.into()))?;
     write_stdout(&out)
-}
-
-/// Writes a command's output; a closed stdout is a failure (exit 1), never a panic.
-pub(crate) fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    out.write_all(bytes)
-        .and_then(|()| out.flush())
-        .map_err(|e| Failure::Runtime(e.into()))
-}
-
-/// The etcd a client command (`announce`, `fleet`) talks to: the config's `[etcd]` when its
-/// source is etcd, else the defaults; `urls` (`--etcd`), when given, replace the endpoints.
-pub fn etcd_for_client(config: &Config, urls: &[String]) -> Result<config::EtcdConfig, Failure> {
-    let mut etcd = match &config.source.kind {
-        SourceKind::Etcd(e) => e.clone(),
-        SourceKind::File(_) => config::EtcdConfig::default(),
-    };
-    if let Some(u) = urls.iter().find(|u| !config::is_endpoint_url(u)) {
-        return Err(Failure::Usage(format!(
-            "--etcd {u:?}: is not an etcd client URL (fix: write it like http://127.0.0.1:2379 or https://etcd1:2379)"
-        )));
-    }
-    if !urls.is_empty() {
-        etcd.endpoints = urls.to_vec();
-    }
-    Ok(etcd)
 }
 
 /// The real applier behind the reactor.

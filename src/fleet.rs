@@ -24,12 +24,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::cli::FleetArgs;
-use crate::commands::{self, ConfigSource, Failure};
+use crate::config::ConfigSource;
 use crate::config::{Config, EtcdConfig, HaproxyMode, SourceKind};
 use crate::etcd::lease::{self, Held, Lost, Opened};
 use crate::etcd::{
     BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, MAX_MESSAGE, Members, Pages,
 };
+use crate::failure::Failure;
 use crate::metrics::Metrics;
 
 /// The node key's lease: a node that dies leaves the view this long after its last keep-alive
@@ -431,7 +432,7 @@ pub async fn command(cs: &ConfigSource, args: FleetArgs) -> Result<(), Failure> 
         ))
     })?;
     let config = cs.load()?;
-    let etcd = commands::etcd_for_client(&config, &args.etcd)?;
+    let etcd = crate::config::etcd_for_client(&config, &args.etcd)?;
     let prefixes = config.source.prefixes.clone();
     let fleet_prefix = config.fleet.prefix.clone();
     let endpoints = etcd.endpoints.join(",");
@@ -769,7 +770,7 @@ fn print(rows: &[Row], json: bool) -> Result<(), Failure> {
     } else {
         table(rows, SystemTime::now())
     };
-    commands::write_stdout(text.as_bytes())
+    crate::failure::write_stdout(text.as_bytes())
 }
 
 /// `--json`: every published field, plus `converged` and, when there is one, `note`.

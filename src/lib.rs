@@ -16,7 +16,8 @@
 //! - `reconfig` — the config file and templates read again (SIGHUP, an edit); unchanged bytes do nothing
 //! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `fleet`    — each node's state published to etcd, and `haconfd fleet`: who has converged
-//! - `commands` — the subcommands, with exit codes
+//! - `commands` — the one-shot subcommands: render, check, version, completions, manpage
+//! - `failure`  — how a command ends when it does not succeed (its exit code); stdout writes
 //! - `metrics`  — Prometheus metrics and readiness state
 //! - `logging`  — log output that never blocks or kills the daemon; the panic rule (exit 70)
 //! - `admin`    — the admin endpoint: /metrics, /healthz, /readyz
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod etcd;
+pub mod failure;
 pub mod fleet;
 pub mod guard;
 pub mod haproxy;

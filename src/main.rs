@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use haconfd::cli::{Cli, Command, LogFormat};
-use haconfd::commands::{self, ConfigSource, Failure};
+use haconfd::commands;
+use haconfd::config::ConfigSource;
+use haconfd::failure::Failure;
 use haconfd::logging::{self, Mode};
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {

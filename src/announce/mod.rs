@@ -25,9 +25,10 @@ use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::cli::AnnounceArgs;
-use crate::commands::{ConfigSource, Failure};
+use crate::config::ConfigSource;
 use crate::config::EtcdConfig;
 use crate::etcd::Backoff;
+use crate::failure::Failure;
 use crate::model::{
     self, Host, MAX_VALUE_LEN, Registry, SERVICES_PREFIX, Snapshot, is_config_unsafe, is_http_path,
     is_instance_id, is_service_name,
@@ -489,7 +490,7 @@ fn parse_check_url(url: &str) -> Result<check::Probe, String> {
 /// etcd settings: the config's [etcd] when its source is etcd, else the defaults; --etcd
 /// replaces the endpoints.
 fn etcd_config(cs: &ConfigSource, urls: &[String]) -> Result<EtcdConfig, Failure> {
-    crate::commands::etcd_for_client(&cs.load()?, urls)
+    Ok(crate::config::etcd_for_client(&cs.load()?, urls)?)
 }
 
 /// This host's name, for the default instance id.

@@ -12,12 +12,12 @@ use crate::etcd::{Client, PutOptions};
 
 use super::check::Health;
 use super::{Registration, Shutdown};
-use crate::commands::Failure;
 use crate::config::EtcdConfig;
 use crate::etcd::lease::{self, Held, Lost, Opened, not_found as lease_not_found};
 use crate::etcd::{
     BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members, backoff_sleep,
 };
+use crate::failure::Failure;
 
 /// The revoke on stop: the contract is "gone within a second".
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
