@@ -1,0 +1,1 @@
+//! Unit tests of the apply pipeline over a fake deployer.
