@@ -606,4 +606,44 @@ mod tests {
                 .hold_all
         );
     }
+
+    #[test]
+    fn the_guard_file_holds_the_counts_of_the_last_apply_for_the_next_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().display();
+        let config = Config::parse(
+            &format!(
+                "[source]\nkind = \"file\"\n[file]\npath = \"{d}/r.yaml\"\n[[template]]\nname = \"haproxy\"\nsrc = \"{d}/t\"\ndest = \"{d}/haproxy.cfg\"\ncheck = true\n"
+            ),
+            "test",
+        )
+        .expect("config");
+        let mut g = Guard::load(&config);
+        assert_eq!(g.remembered, None, "no file, nothing remembered");
+        g.applied(&config, &reg(&[("web", 4), ("api", 2)]));
+        let path = dir.path().join(".haproxy.cfg.haconfd-guard.json");
+        let mode = std::fs::metadata(&path)
+            .expect("written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "staged by install, owner only");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [".haproxy.cfg.haconfd-guard.json"],
+            "nothing staged is left"
+        );
+        let next = Guard::load(&config);
+        assert_eq!(
+            next.remembered,
+            Some(BTreeMap::from([
+                ("api".to_owned(), 2),
+                ("web".to_owned(), 4)
+            ]))
+        );
+    }
 }
