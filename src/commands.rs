@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::apply::{self, Applier};
 use crate::config::{Config, ConfigError, ConfigSource, HaproxyMode, SourceKind};
 pub use crate::failure::{Failure, write_stdout};
-use crate::haproxy::{ApplyKind, Controller, install, runtime, supervise, validate};
+use crate::haproxy::{ApplyKind, install, runtime, supervise};
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::reactor::{self, Apply, Event, Work};
@@ -108,9 +108,7 @@ pub async fn render(
                 .into(),
         ));
     }
-    let controller = Controller::one_shot(&config).await;
-    let mut applier = Applier::new(config, templates, Arc::new(metrics));
-    applier.controller = controller;
+    let mut applier = Applier::one_shot(config, templates, Arc::new(metrics)).await;
     let report = applier
         .apply(&update)
         .await
@@ -152,27 +150,21 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
         std::fs::write(&r.template.dest, &r.bytes).map_err(|e| Failure::Runtime(e.into()))?;
     }
     let mut failed = 0;
+    let check = install::Check::of(&config.haproxy);
     for r in select(&rendered, &config, template)? {
         if !r.template.check {
             tracing::info!(template = %r.template.name, "check = false: rendered, not proven");
             continue;
         }
         let path = dir.path().join(format!("{}.cfg", r.template.name));
-        std::fs::write(&path, &r.bytes).map_err(|e| Failure::Runtime(e.into()))?;
-        let verdict = validate::check_as(
-            &config.haproxy.binary,
-            &path,
-            config.haproxy.check_timeout,
-            config.haproxy.check_user.as_deref(),
-        )
-        .await;
         // The verdicts go to stderr in order with the log, and a closed stderr never panics.
-        match verdict {
-            Ok(_) => crate::logging::line(&format!("{}: valid", r.template.name)),
-            Err(e) => {
+        match install::prove(&path, &r.bytes, &check).await {
+            Ok(()) => crate::logging::line(&format!("{}: valid", r.template.name)),
+            Err(install::InstallError::Invalid(e)) => {
                 crate::logging::line(&format!("{}: {e}", r.template.name));
                 failed += 1;
             }
+            Err(e) => return Err(Failure::Runtime(e.into())),
         }
     }
     if metrics.rejected() > 0 {
@@ -273,7 +265,7 @@ impl Daemon {
     /// ones it ran on until then. Files that do not load leave the running ones, and
     /// `/readyz` says why until a reading loads.
     fn reconfigure(&mut self) -> Option<(Config, Templates)> {
-        match self.reloader.reload(&self.applier.config) {
+        match self.reloader.reload(self.applier.config()) {
             Reloaded::Unchanged => {
                 tracing::info!("config and templates unchanged; nothing to reload");
                 None
@@ -281,14 +273,14 @@ impl Daemon {
             Reloaded::Rejected(why) => {
                 tracing::error!(error = %why, "config or templates rejected; keeping the last good ones");
                 self.applier
-                    .metrics
+                    .metrics()
                     .set_config_problem(Some(format!("config or templates rejected: {why}")));
                 None
             }
             Reloaded::New(new) => {
                 let (config, templates) = *new;
                 let previous = self.applier.swap(config, templates);
-                self.applier.metrics.set_config_problem(None);
+                self.applier.metrics().set_config_problem(None);
                 self.take_config();
                 tracing::info!("config and templates reloaded");
                 Some(previous)
@@ -298,9 +290,9 @@ impl Daemon {
 
     /// Hands the settings that live outside the applier to their owners.
     fn take_config(&self) {
-        let config = &self.applier.config;
+        let config = self.applier.config();
         self.applier
-            .metrics
+            .metrics()
             .set_stale_after(config.admin.stale_after);
         self.lame_duck_wait
             .store(lame_duck_millis(config), Ordering::Relaxed);
@@ -314,11 +306,7 @@ impl Daemon {
 fn reloaded_files_may_be_at_fault(e: &apply::ApplyError) -> bool {
     match e {
         apply::ApplyError::Render(_) => true,
-        apply::ApplyError::Install { source, .. } => matches!(
-            source,
-            install::InstallError::Invalid(validate::ValidateError::Rejected { .. })
-        ),
-        apply::ApplyError::Reload(_) => false,
+        apply::ApplyError::Deploy(e) => e.rejected().is_some(),
     }
 }
 
@@ -379,7 +367,7 @@ impl Apply for Daemon {
                     reconfig::one_line(&format!("{e:#}"))
                 );
                 tracing::error!(error = %why, "keeping the last good config and templates");
-                self.applier.metrics.set_config_problem(Some(why));
+                self.applier.metrics().set_config_problem(Some(why));
                 // The same files, sent again, are tried again.
                 self.reloader.forget();
                 result = retried;
@@ -405,23 +393,23 @@ impl Apply for Daemon {
                     "applied"
                 );
                 // The fleet view publishes it (and wakes for it).
-                let running = self.applier.controller.is_running();
+                let running = self.applier.is_running();
                 self.applier
-                    .metrics
+                    .metrics()
                     .set_last_apply(&r.hash, r.kind, running);
                 // systemd hears READY=1 when /readyz would say ready: the files are installed
                 // and the HAProxy this process drives has taken them. Sent once.
-                if self.applier.metrics.readiness().is_ok() {
+                if self.applier.metrics().readiness().is_ok() {
                     self.notifier
                         .ready(&format!("applied revision {}", r.revision));
                 }
                 // A reload during the lame duck starts a worker whose switch may be on again:
                 // the health check must go on failing until HAProxy stops.
-                if self.applier.metrics.stopping()
+                if self.applier.metrics().stopping()
                     && matches!(r.kind, ApplyKind::Reload | ApplyKind::Start)
                     && self.lame_duck_wait.load(Ordering::Relaxed) > 0
                 {
-                    let socket = &self.applier.config.haproxy.runtime_socket;
+                    let socket = &self.applier.config().haproxy.runtime_socket;
                     if let Err(e) = runtime::lame_duck(socket, LAME_DUCK_SWITCH_TIMEOUT).await {
                         tracing::warn!(error = %e, "cannot keep the lame duck on in the reloaded HAProxy");
                     }
@@ -435,7 +423,7 @@ impl Apply for Daemon {
 
     async fn shutdown(&mut self) {
         self.notifier.stopping();
-        self.applier.controller.shutdown().await;
+        self.applier.shutdown().await;
     }
 
     fn wakeup(&self) -> Option<tokio::time::Instant> {
@@ -504,14 +492,14 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
     // Signals.
     let signals = Signals::install().map_err(|e| Failure::Runtime(e.into()))?;
     let lame_duck = LameDuck {
-        socket: applier.config.haproxy.runtime_socket.clone(),
+        socket: applier.config().haproxy.runtime_socket.clone(),
         wait: Arc::clone(&lame_duck_wait),
         metrics: Arc::clone(&metrics),
     };
     tokio::spawn(signals.handle(
         tx.clone(),
         Arc::clone(&notifier),
-        applier.controller.stopper(),
+        applier.stopper(),
         lame_duck,
         Arc::clone(&forced),
     ));
@@ -530,7 +518,7 @@ pub async fn run(cs: &ConfigSource) -> Result<(), Failure> {
         }
     }
 
-    tracing::info!(config = %applier.config.origin, "haconfd running");
+    tracing::info!(config = %applier.config().origin, "haconfd running");
     applier.start_installed().await;
     let daemon = Daemon {
         applier,

@@ -7,13 +7,19 @@
 //! rendered instead, while every other service keeps changing. A hold is released when the
 //! instances come back, when the new state has persisted unchanged for `confirm_after`, or when
 //! an operator confirms it (SIGUSR1 to `haconfd run`).
+//!
+//! The guard owns one file: the per-service instance counts of the last apply, hidden beside
+//! the HAProxy file (`.<name>.haconfd-guard.json`), so that the guard of the next run has a
+//! reference before it applies anything.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::config::GuardConfig;
+use crate::config::{Config, GuardConfig};
+use crate::haproxy::install;
 use crate::model::{Instance, Registry, Service};
 
 /// One held service.
@@ -43,6 +49,9 @@ pub struct Guard {
     remembered: Option<BTreeMap<String, usize>>,
     /// Since when the registry has been collapsed against `remembered`.
     collapse_since: Option<Instant>,
+    /// The counts in the guard file as last read or written: an unchanged registry writes
+    /// nothing.
+    written: Option<BTreeMap<String, usize>>,
 }
 
 /// What the guard decided for one apply.
@@ -74,6 +83,39 @@ impl Guard {
             baselines: BTreeMap::new(),
             remembered: None,
             collapse_since: None,
+            written: None,
+        }
+    }
+
+    /// The guard of `config`, remembering the counts the last run left in the guard file.
+    pub fn load(config: &Config) -> Guard {
+        let mut guard = Guard::new(config.guard);
+        if let Some(counts) = file(config).and_then(|p| read_counts(&p)) {
+            guard.written = Some(counts.clone());
+            guard.remember(counts);
+        }
+        guard
+    }
+
+    /// Notes the registry an apply has just made live: its per-service counts are written to
+    /// the guard file when they changed. A failure is logged, and tried again at the next
+    /// apply; the guard of this process does not need the file.
+    pub fn applied(&mut self, config: &Config, registry: &Registry) {
+        let counts = Guard::counts(registry);
+        if self.written.as_ref() == Some(&counts) {
+            return;
+        }
+        let Some(path) = file(config) else {
+            return;
+        };
+        let Ok(text) = serde_json::to_vec(&counts) else {
+            return;
+        };
+        match install::write_atomic(&path, &text) {
+            Ok(()) => self.written = Some(counts),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remember instance counts for the guard")
+            }
         }
     }
 
@@ -304,6 +346,25 @@ impl Guard {
             held,
             hold_all: false,
             release_at,
+        }
+    }
+}
+
+/// Where the guard's per-service counts live: a hidden file beside the HAProxy file (or the
+/// first template's), so that it survives restarts and reboots with the file it describes.
+fn file(config: &Config) -> Option<PathBuf> {
+    let t = config.haproxy_template().or(config.templates.first())?;
+    let name = t.dest.file_name()?.to_string_lossy().into_owned();
+    Some(t.dest.with_file_name(format!(".{name}.haconfd-guard.json")))
+}
+
+fn read_counts(path: &Path) -> Option<BTreeMap<String, usize>> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable guard file");
+            None
         }
     }
 }
@@ -543,6 +604,46 @@ mod tests {
         assert!(
             !g.decide(None, reg(&[("web", 1), ("api", 2)]), true, later)
                 .hold_all
+        );
+    }
+
+    #[test]
+    fn the_guard_file_holds_the_counts_of_the_last_apply_for_the_next_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().display();
+        let config = Config::parse(
+            &format!(
+                "[source]\nkind = \"file\"\n[file]\npath = \"{d}/r.yaml\"\n[[template]]\nname = \"haproxy\"\nsrc = \"{d}/t\"\ndest = \"{d}/haproxy.cfg\"\ncheck = true\n"
+            ),
+            "test",
+        )
+        .expect("config");
+        let mut g = Guard::load(&config);
+        assert_eq!(g.remembered, None, "no file, nothing remembered");
+        g.applied(&config, &reg(&[("web", 4), ("api", 2)]));
+        let path = dir.path().join(".haproxy.cfg.haconfd-guard.json");
+        let mode = std::fs::metadata(&path)
+            .expect("written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "staged by install, owner only");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [".haproxy.cfg.haconfd-guard.json"],
+            "nothing staged is left"
+        );
+        let next = Guard::load(&config);
+        assert_eq!(
+            next.remembered,
+            Some(BTreeMap::from([
+                ("api".to_owned(), 2),
+                ("web".to_owned(), 4)
+            ]))
         );
     }
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::validate::{self, ValidateError};
-use crate::config::TemplateConfig;
+use crate::config::{HaproxyConfig, TemplateConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -106,6 +106,17 @@ pub struct Check {
     pub timeout: Duration,
     /// Run `haproxy -c` as this user when haconfd runs as root (`[haproxy] check_user`).
     pub user: Option<String>,
+}
+
+impl Check {
+    /// The check `[haproxy]` asks for.
+    pub fn of(h: &HaproxyConfig) -> Check {
+        Check {
+            binary: h.binary.clone(),
+            timeout: h.check_timeout,
+            user: h.check_user.clone(),
+        }
+    }
 }
 
 /// The path of the last-good copy kept beside `dest`.
@@ -213,6 +224,45 @@ fn parent(dest: &Path) -> &Path {
     }
 }
 
+/// Stages `bytes` beside `dest` and proves the staged copy with `haproxy -c` when `check` is
+/// given: the one way a file is written and then checked (an install, the installed file
+/// before HAProxy boots on it, `haconfd check`). On success the caller owns the staged file;
+/// on failure nothing staged is left.
+pub async fn stage_checked(
+    dest: &Path,
+    bytes: &[u8],
+    check: Option<&Check>,
+) -> Result<PathBuf, InstallError> {
+    let staged = stage(dest, bytes)?;
+    if let Some(c) = check
+        && let Err(e) = validate::check_as(&c.binary, &staged, c.timeout, c.user.as_deref()).await
+    {
+        discard(&staged);
+        return Err(e.into());
+    }
+    Ok(staged)
+}
+
+/// Proves `bytes` as they would be installed at `dest` (a staged copy beside it, checked and
+/// removed); `dest` itself is not touched.
+pub async fn prove(dest: &Path, bytes: &[u8], check: &Check) -> Result<(), InstallError> {
+    let staged = stage_checked(dest, bytes, Some(check)).await?;
+    discard(&staged);
+    Ok(())
+}
+
+/// Replaces `path` with `bytes` atomically and durably: staged (0600, fsynced), renamed over
+/// it, the directory fsynced. For haconfd's own side files (the guard's counts, the server
+/// state); a failure leaves the old file and nothing staged.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
+    let staged = stage(path, bytes)?;
+    if let Err(e) = fs::rename(&staged, path) {
+        discard(&staged);
+        return Err(io("cannot rename the staged file over", path)(e));
+    }
+    sync_dir(parent(path))
+}
+
 /// Installs `bytes` as `t.dest`, proving it first when `check` is given.
 pub async fn install(
     t: &TemplateConfig,
@@ -244,23 +294,16 @@ pub async fn install_over(
         }
         return Ok(Outcome::Unchanged);
     }
-    let staged = stage(&t.dest, bytes)?;
-    let result = finish(t, &staged, current.as_deref(), check).await;
+    let staged = stage_checked(&t.dest, bytes, check).await?;
+    let result = finish(t, &staged, current.as_deref());
     if result.is_err() {
         discard(&staged);
     }
     result.map(|()| Outcome::Installed { previous: current })
 }
 
-async fn finish(
-    t: &TemplateConfig,
-    staged: &Path,
-    current: Option<&[u8]>,
-    check: Option<&Check>,
-) -> Result<(), InstallError> {
-    if let Some(c) = check {
-        validate::check_as(&c.binary, staged, c.timeout, c.user.as_deref()).await?;
-    }
+/// Puts a staged (and proven) file in place of `t.dest`, keeping `current` as `.prev`.
+fn finish(t: &TemplateConfig, staged: &Path, current: Option<&[u8]>) -> Result<(), InstallError> {
     set_owner(staged, t)?;
     fs::set_permissions(staged, fs::Permissions::from_mode(t.mode))
         .map_err(io("cannot set the mode of the staged copy of", &t.dest))?;

@@ -1,7 +1,9 @@
 //! Everything that starts processes or touches the live config: `haproxy -c`, atomic install,
-//! the master socket, the supervised HAProxy, and reload commands.
+//! committing a generation of files (`deploy`), the Runtime API, the master socket, the
+//! supervised HAProxy, and reload commands.
 
 pub mod children;
+pub mod deploy;
 pub mod install;
 pub mod master;
 pub mod runtime;
@@ -433,11 +435,7 @@ async fn save_state(state: Option<&StateSave>) {
             }
             None => text,
         };
-        let staged = install::stage(&s.state_file, text.as_bytes()).map_err(|e| e.to_string())?;
-        std::fs::rename(&staged, &s.state_file).map_err(|e| {
-            install::discard(&staged);
-            e.to_string()
-        })
+        install::write_atomic(&s.state_file, text.as_bytes()).map_err(|e| e.to_string())
     }
     .await;
     if let Err(e) = result {
@@ -445,43 +443,6 @@ async fn save_state(state: Option<&StateSave>) {
         let _ = std::fs::remove_file(&s.state_file);
         tracing::warn!(error = %e, file = %s.state_file.display(), "cannot save server state before reload");
     }
-}
-
-/// What [`realign`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Realigned {
-    /// The running servers match the installed file.
-    InLine,
-    /// This many `set server` commands made them match.
-    Runtime(usize),
-}
-
-/// Brings the servers the running HAProxy holds (`show servers state` on `runtime_socket`) in
-/// line with the installed file `config`, through the Runtime API. An error says why that
-/// cannot be done, and a reload is then the way.
-pub async fn realign(
-    runtime_socket: &std::path::Path,
-    config: &std::path::Path,
-    timeout: Duration,
-) -> Result<Realigned, String> {
-    let cfg = std::fs::read(config).map_err(|e| format!("{}: {e}", config.display()))?;
-    let cfg =
-        std::str::from_utf8(&cfg).map_err(|_| format!("{} is not UTF-8", config.display()))?;
-    let state = master::command(runtime_socket, "show servers state", timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let cmds = runtime::plan_state(&state, cfg).map_err(|e| e.0)?;
-    if cmds.is_empty() {
-        return Ok(Realigned::InLine);
-    }
-    // The caller logs how many; a stale state file can hold thousands of servers.
-    for c in &cmds {
-        tracing::debug!(command = %c, "realigning a server with the installed file");
-    }
-    runtime::apply(runtime_socket, &cmds, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Realigned::Runtime(cmds.len()))
 }
 
 /// Runs a reload command: argv (no shell), stdin closed, own process group killed whole on
