@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::etcd::Backoff;
 use crate::guard::Guard;
 use crate::haproxy::deploy::{Deploy, DeployError, Deployer};
 use crate::haproxy::{ApplyKind, supervise};

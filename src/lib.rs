@@ -4,6 +4,7 @@
 //! - `config`   — the TOML config file → validated `Config`; errors name key, value and fix
 //! - `model`    — raw pairs → screened `Snapshot` → typed `Registry`
 //! - `source`   — where pairs come from: `file` (notify, or polling) and `etcd` (read, watch)
+//! - `backoff`  — retry delays with jitter
 //! - `etcd`     — the etcd client, the only module that knows etcd-client: connect, TLS, auth,
 //!   members, backoff, paged reads, failure kinds, leases
 //! - `slots`    — which server line each instance occupies, stable across applies
@@ -26,6 +27,7 @@
 pub mod admin;
 pub mod announce;
 pub mod apply;
+pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -24,10 +24,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::backoff::Backoff;
 use crate::cli::AnnounceArgs;
 use crate::config::ConfigSource;
 use crate::config::EtcdConfig;
-use crate::etcd::Backoff;
 use crate::failure::Failure;
 use crate::model::{
     self, Host, MAX_VALUE_LEN, Registry, SERVICES_PREFIX, Snapshot, is_config_unsafe, is_http_path,

@@ -7,7 +7,8 @@
 //!   leader.
 //! - `failure`: every etcd-client error as a [`Failure`] of one [`Kind`] (retry, refused
 //!   credentials, compacted, too large), with a message that names the setting to fix.
-//! - `backoff`: [`Backoff`] with jitter, and [`backoff_sleep`], which a fixed password ends early.
+//! - `backoff`: the floor for refused credentials, and [`backoff_sleep`], which a fixed password
+//!   ends early.
 //! - `pages`: [`Pages`], a range read in pages at one revision, every message at most
 //!   [`MAX_MESSAGE`].
 //! - `lease`: a lease held by a long-running client (announce's key, the fleet view's node key).
@@ -18,7 +19,8 @@ mod failure;
 pub mod lease;
 mod pages;
 
-pub(crate) use backoff::{BACKOFF_AUTH_MIN, Backoff, backoff_sleep};
+pub(crate) use crate::backoff::Backoff;
+pub(crate) use backoff::{BACKOFF_AUTH_MIN, backoff_sleep};
 pub(crate) use connect::{
     KEEP_ALIVE_TIMEOUT, Members, connect_options, connect_with, dial_timeout, leader_known,
 };
