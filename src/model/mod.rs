@@ -18,7 +18,10 @@ mod tests;
 pub use cache::ParseCache;
 pub use registry::{BALANCE_ALGORITHMS, Instance, Registry, Route, Service, Slot};
 pub use rules::{
-    Host, State, is_hostname, is_http_path, is_instance_id, is_service_name, parse_addr,
+    Addr, DEFAULT_WEIGHT, Host, INSTANCE_ID_RULE, InstanceValue, MAX_INSTANCE_ID_LEN, MAX_META,
+    MAX_META_NAME, MAX_META_VALUE, MAX_WEIGHT, SERVICE_NAME_RULE, State, is_hostname, is_http_path,
+    is_instance_id, is_instance_id_char, is_service_name, meta_name_problem, meta_value_problem,
+    parse_addr, parse_weight,
 };
 
 /// The longest value accepted from a source. Registry values are a few hundred bytes.
@@ -77,23 +80,28 @@ fn screen_raw(bytes: &[u8], max_len: usize) -> Result<&str, String> {
         return Err(format!("longer than {max_len} bytes"));
     }
     let text = std::str::from_utf8(bytes).map_err(|_| "not valid UTF-8".to_owned())?;
-    for c in text.chars() {
-        let bad = match c {
-            '\t' | '\n' | '\r' => Some("a tab or line break"),
-            '\u{0}'..='\u{1f}' | '\u{7f}' | '\u{80}'..='\u{9f}' => Some("a control character"),
-            '\u{2028}' | '\u{2029}' => Some("a Unicode line separator"),
-            '\u{fffd}' => Some("bytes that are not valid UTF-8"),
-            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
-                Some("an invisible or bidirectional formatting character")
-            }
-            '\u{feff}' => Some("a byte-order mark"),
-            _ => None,
-        };
-        if let Some(what) = bad {
-            return Err(format!("contains {what}"));
-        }
+    if let Some(what) = text.chars().find_map(forbidden_char) {
+        return Err(format!("contains {what}"));
     }
     Ok(text)
+}
+
+/// What a character is, when it may appear in no key or value at all: it could end a config
+/// line, or hide what a line says from the operator who reads it. The raw screen applies it to
+/// every pair; the registry applies it again to text that JSON escapes could have hidden from
+/// the screen (meta).
+fn forbidden_char(c: char) -> Option<&'static str> {
+    match c {
+        '\t' | '\n' | '\r' => Some("a tab or line break"),
+        '\u{0}'..='\u{1f}' | '\u{7f}' | '\u{80}'..='\u{9f}' => Some("a control character"),
+        '\u{2028}' | '\u{2029}' => Some("a Unicode line separator"),
+        '\u{fffd}' => Some("bytes that are not valid UTF-8"),
+        '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+            Some("an invisible or bidirectional formatting character")
+        }
+        '\u{feff}' => Some("a byte-order mark"),
+        _ => None,
+    }
 }
 
 /// The characters that may never reach a config line from data, beyond control characters.

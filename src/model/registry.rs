@@ -6,11 +6,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{
-    Host, State, is_hostname, is_http_path, is_instance_id, is_service_name, parse_addr,
+    INSTANCE_ID_RULE, InstanceValue, SERVICE_NAME_RULE, State, is_hostname, is_http_path,
+    is_instance_id, is_service_name, json_problem,
 };
-use super::{
-    Kv, ROUTES_PREFIX, Rejection, SERVICES_PREFIX, Snapshot, display_key, is_config_unsafe,
-};
+use super::{Kv, ROUTES_PREFIX, Rejection, SERVICES_PREFIX, Snapshot, display_key};
+
 /// One instance of a service, as templates see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Instance {
@@ -68,25 +68,6 @@ pub struct Registry {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawInstance {
-    addr: String,
-    #[serde(default = "default_weight")]
-    weight: u32,
-    #[serde(default = "default_state")]
-    state: State,
-    #[serde(default)]
-    meta: BTreeMap<String, serde_json::Value>,
-}
-
-fn default_weight() -> u32 {
-    100
-}
-fn default_state() -> State {
-    State::Ready
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRoute {
     #[serde(default)]
     hosts: Vec<String>,
@@ -112,112 +93,19 @@ pub const BALANCE_ALGORITHMS: &[&str] = &[
     "random",
 ];
 
-const MAX_META: usize = 32;
-
+/// An instance as templates see it, from its id and its value.
 fn parse_instance(id: &str, value: &str) -> Result<Instance, String> {
-    let raw = if value.trim_start().starts_with('{') {
-        serde_json::from_str::<RawInstance>(value).map_err(|e| json_problem(&e))?
-    } else {
-        RawInstance {
-            addr: value.to_owned(),
-            weight: default_weight(),
-            state: State::Ready,
-            meta: BTreeMap::new(),
-        }
-    };
-    let (host, port) = parse_addr(&raw.addr).map_err(|e| format!("field addr: {e}"))?;
-    if raw.weight > 256 {
-        return Err("field weight: must be from 0 to 256".into());
-    }
-    if raw.meta.len() > MAX_META {
-        return Err(format!("field meta: more than {MAX_META} entries"));
-    }
-    let mut meta = BTreeMap::new();
-    for (k, v) in raw.meta {
-        let v = match v {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
-            _ => {
-                return Err(format!(
-                    "field meta.{}: must be a string, number or bool",
-                    safe_name(&k)
-                ));
-            }
-        };
-        let token_ok =
-            |s: &str| !s.is_empty() && s.len() <= 256 && !s.chars().any(is_config_unsafe);
-        if !token_ok(&k) || k.len() > 64 {
-            return Err(
-                "field meta: a name is empty, too long or holds a forbidden character".into(),
-            );
-        }
-        if !token_ok(&v) {
-            return Err(format!(
-                "field meta.{}: empty, too long, or holds whitespace, a quote, '\\', '#', '$' or ';'",
-                safe_name(&k)
-            ));
-        }
-        meta.insert(k, v);
-    }
-    let addr = match host {
-        Host::V6(ip) => format!("[{ip}]:{port}"),
-        ref h => format!("{h}:{port}"),
-    };
+    let v = InstanceValue::parse(value)?;
     Ok(Instance {
         id: id.to_owned(),
         name: id.to_owned(),
-        host: host.to_string(),
-        port,
-        addr,
-        weight: raw.weight as u16,
-        state: raw.state,
-        meta,
+        host: v.addr.host.to_string(),
+        port: v.addr.port,
+        addr: v.addr.to_string(),
+        weight: v.weight,
+        state: v.state,
+        meta: v.meta,
     })
-}
-
-/// A name from input, shown only when it is already a safe token.
-fn safe_name(s: &str) -> &str {
-    if is_instance_id(s) { s } else { "<name>" }
-}
-
-/// Describes a JSON error without quoting the input: serde_json's messages name the field and
-/// the expected type, never the offending value, except for unknown variants, which we rephrase.
-fn json_problem(e: &serde_json::Error) -> String {
-    let msg = e.to_string();
-    if msg.starts_with("unknown variant") {
-        return "field state: must be \"ready\", \"drain\" or \"maint\"".into();
-    }
-    if msg.starts_with("unknown field") {
-        // "unknown field `x`, expected one of …": the name is part of the value, so it is not
-        // repeated (the key is enough to find it).
-        return "an unknown field (known: addr, weight, state, meta / hosts, paths, balance, check)"
-            .into();
-    }
-    match e.classify() {
-        serde_json::error::Category::Data => {
-            // "missing field `addr` at line 1 column 9": the name comes from our own struct.
-            if let Some(rest) = msg.strip_prefix("missing field") {
-                let field = rest.split(" at line").next().unwrap_or("");
-                return format!("missing field{field}");
-            }
-            // Type errors quote the input before the expected type, e.g. "invalid type: string
-            // \"x\", expected u32": keep only what follows the last ", expected ", and only
-            // when it reads like a type description, never like input.
-            let expected = msg
-                .rsplit_once(", expected ")
-                .map(|(_, rest)| rest.split(" at line").next().unwrap_or(""))
-                .filter(|t| {
-                    !t.is_empty()
-                        && t.len() <= 40
-                        && t.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b' ' || b == b'_')
-                })
-                .unwrap_or("the documented shape");
-            format!("a field has the wrong type (expected {expected})")
-        }
-        _ => format!("not valid JSON (line {}, column {})", e.line(), e.column()),
-    }
 }
 
 fn parse_route(value: &str) -> Result<Route, String> {
@@ -262,19 +150,15 @@ fn parse_route(value: &str) -> Result<Route, String> {
 }
 
 /// A reason for a key whose place in `/services/` is wrong.
-fn shape_problem(rest: &str) -> Option<&'static str> {
+fn shape_problem(rest: &str) -> Option<String> {
     let Some((svc, id)) = rest.split_once('/') else {
-        return Some("not of the form /services/<service>/<instance-id>");
+        return Some("not of the form /services/<service>/<instance-id>".into());
     };
     if !is_service_name(svc) {
-        return Some(
-            "service name must be 1-63 lower-case letters, digits, '-', '_' or '.', starting with a letter or digit",
-        );
+        return Some(format!("service name must be {SERVICE_NAME_RULE}"));
     }
     if !is_instance_id(id) {
-        return Some(
-            "instance id must be 1-128 of [A-Za-z0-9._:-], starting with a letter or digit",
-        );
+        return Some(format!("instance id must be {INSTANCE_ID_RULE}"));
     }
     None
 }
@@ -373,10 +257,9 @@ pub(super) fn scan(snapshot: &Snapshot) -> (Vec<Rejection>, BTreeSet<&str>) {
             None => stray.push(Rejection {
                 key: display_key(key.as_bytes()),
                 reason: match key.strip_prefix(SERVICES_PREFIX) {
-                    Some(rest) => shape_problem(rest).unwrap_or("malformed key"),
-                    None => "not of the form /routes/<service>",
-                }
-                .into(),
+                    Some(rest) => shape_problem(rest).unwrap_or_else(|| "malformed key".into()),
+                    None => "not of the form /routes/<service>".into(),
+                },
             }),
         }
     }

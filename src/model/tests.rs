@@ -382,3 +382,59 @@ proptest::proptest! {
         }
     }
 }
+
+/// What [`InstanceValue::encode`] writes, [`InstanceValue::parse`] reads back as the same value;
+/// a value with every field at its default is written in the plain form.
+#[test]
+fn instance_values_round_trip_through_their_writer() {
+    let addr = |s: &str| Addr::parse(s).expect("addr");
+    let mut drain = InstanceValue::new(addr("[::1]:8080"));
+    drain.state = State::Drain;
+    drain.weight = 0;
+    let mut meta = InstanceValue::new(addr("web1.internal:80"));
+    meta.meta.insert("zone".into(), "a".into());
+    meta.meta.insert("v".into(), "2".into());
+    meta.meta.insert("caf\u{e9}".into(), "\u{fc}ber".into());
+    let mut max = InstanceValue::new(addr("127.0.0.1:65535"));
+    max.weight = MAX_WEIGHT;
+    max.state = State::Maint;
+    let cases = [
+        (InstanceValue::new(addr("127.0.0.5:8080")), "127.0.0.5:8080"),
+        (drain, r#"{"addr":"[::1]:8080","weight":0,"state":"drain"}"#),
+        (
+            meta,
+            r#"{"addr":"web1.internal:80","meta":{"café":"über","v":"2","zone":"a"}}"#,
+        ),
+        (
+            max,
+            r#"{"addr":"127.0.0.1:65535","weight":256,"state":"maint"}"#,
+        ),
+    ];
+    for (value, written) in cases {
+        let text = value.encode().expect("encodes");
+        assert_eq!(text, written);
+        assert_eq!(InstanceValue::parse(&text), Ok(value));
+    }
+}
+
+/// JSON escapes hide characters from the raw screen, which sees only the escape; the meta rule
+/// refuses them once decoded, in names and in values, without quoting them.
+#[test]
+fn meta_refuses_characters_hidden_by_json_escapes() {
+    for escaped in [
+        r"\u200b", r"\u202e", r"\u2066", r"\ufeff", r"\ufffd", r"\u0085", r"\u2028", r"\n",
+    ] {
+        let in_value = format!(r#"{{"addr":"127.0.0.1:80","meta":{{"k":"CANARY{escaped}"}}}}"#);
+        let in_name = format!(r#"{{"addr":"127.0.0.1:80","meta":{{"CANARY{escaped}":"v"}}}}"#);
+        for value in [in_value, in_name] {
+            let (reg, rejected) = parse(&[("/services/web/i1", &value)], "CANARY");
+            assert_eq!(reg.instance_count(), 0, "{value} was accepted");
+            assert_eq!(rejected.len(), 1, "{value}: {rejected:?}");
+            assert!(
+                rejected[0].reason.starts_with("field meta"),
+                "{}",
+                rejected[0]
+            );
+        }
+    }
+}
