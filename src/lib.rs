@@ -17,6 +17,7 @@
 //! - `reconfig` — the config file and templates read again (SIGHUP, an edit); unchanged bytes do nothing
 //! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `fleet`    — each node's state published to etcd, and `haconfd fleet`: who has converged
+//! - `daemon`   — `run`: setup, the tasks (source, file watch, signals, watchdog, admin), the reactor's applier
 //! - `commands` — the one-shot subcommands: render, check, version, completions, manpage
 //! - `failure`  — how a command ends when it does not succeed (its exit code); stdout writes
 //! - `metrics`  — Prometheus metrics and readiness state
@@ -31,6 +32,7 @@ pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod etcd;
 pub mod failure;
 pub mod fleet;

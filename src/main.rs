@@ -25,7 +25,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         );
     }
     match cli.command {
-        Command::Run => commands::run(&cs).await,
+        Command::Run => haconfd::daemon::run(&cs).await,
         Command::Render {
             print,
             diff,
