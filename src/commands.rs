@@ -117,20 +117,12 @@ pub async fn render(
 /// `check`: render and prove with `haproxy -c`; writes nothing beside a private temp dir.
 pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Failure> {
     let mut config = cs.load()?;
-    let dir = tempfile::Builder::new()
-        .prefix("haconfd-check-")
-        .tempdir()
+    let dir = install::CheckDir::new(config.haproxy.check_user.is_some())
         .map_err(|e| Failure::Runtime(e.into()))?;
-    if config.haproxy.check_user.is_some() {
-        // The check user must reach the file (which it is handed) inside the private dir.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| Failure::Runtime(e.into()))?;
-    }
     // Maps are rendered into the private dir too, and the HAProxy file loads them from there:
     // the check proves this render, not whatever map is installed (or not yet).
     for t in config.templates.iter_mut().filter(|t| t.map) {
-        t.dest = dir.path().join(format!("{}.map", t.name));
+        t.dest = dir.path(&format!("{}.map", t.name));
     }
     let mut templates = load_templates(&config)?;
     let update = read_source(&config).await?;
@@ -138,7 +130,8 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
     let rendered =
         apply::render(&mut templates, &update, &metrics).map_err(|e| Failure::Runtime(e.into()))?;
     for r in rendered.iter().filter(|r| r.template.map) {
-        std::fs::write(&r.template.dest, &r.bytes).map_err(|e| Failure::Runtime(e.into()))?;
+        dir.write(&r.template.dest, &r.bytes)
+            .map_err(|e| Failure::Runtime(e.into()))?;
     }
     let mut failed = 0;
     let check = install::Check::of(&config.haproxy);
@@ -147,7 +140,7 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
             tracing::info!(template = %r.template.name, "check = false: rendered, not proven");
             continue;
         }
-        let path = dir.path().join(format!("{}.cfg", r.template.name));
+        let path = dir.path(&format!("{}.cfg", r.template.name));
         // The verdicts go to stderr in order with the log, and a closed stderr never panics.
         match install::prove(&path, &r.bytes, &check).await {
             Ok(()) => crate::logging::line(&format!("{}: valid", r.template.name)),

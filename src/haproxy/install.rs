@@ -418,3 +418,34 @@ fn set_owner(path: &Path, t: &TemplateConfig) -> Result<(), InstallError> {
     };
     std::os::unix::fs::chown(path, uid, gid).map_err(io("cannot change the owner of", path))
 }
+/// The private temporary directory of `haconfd check`: the maps it renders and the copies it
+/// proves go here, never beside the live files. Removed on drop.
+pub struct CheckDir {
+    dir: tempfile::TempDir,
+}
+
+impl CheckDir {
+    /// A new directory; with a `check_user`, one that user may pass through (0711) to reach the
+    /// file it is handed.
+    pub fn new(check_user: bool) -> std::io::Result<CheckDir> {
+        let dir = tempfile::Builder::new()
+            .prefix("haconfd-check-")
+            .tempdir()?;
+        if check_user {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+        }
+        Ok(CheckDir { dir })
+    }
+
+    /// `name` inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a rendered map the checked file loads: readable by the check user, like the
+    /// installed maps.
+    pub fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::write(path, bytes)
+    }
+}
