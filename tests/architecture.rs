@@ -276,3 +276,31 @@ fn each_rule_catches_a_planted_violation() {
     }]);
     assert_eq!(found.len(), 1, "{found:?}");
 }
+
+/// No file in `src/` is over 700 lines (tests included): a file that long holds two ideas.
+#[test]
+fn no_source_file_is_over_700_lines() {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read src/") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let lines = std::fs::read_to_string(&path)
+                    .expect("read")
+                    .lines()
+                    .count();
+                if lines > 700 {
+                    out.push(format!("{}: {lines} lines", path.display()));
+                }
+            }
+        }
+    }
+    let mut long = Vec::new();
+    walk(&common::repo().join("src"), &mut long);
+    assert!(
+        long.is_empty(),
+        "split these along their seams:\n{}",
+        long.join("\n")
+    );
+}
