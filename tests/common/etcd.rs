@@ -41,7 +41,9 @@ impl TlsFiles {
                 .args(args)
                 .current_dir(dir)
                 .output()
-                .expect("run openssl");
+                .expect(
+                    "run openssl (the TLS tests need the openssl CLI: a missing one fails them)",
+                );
             assert!(
                 out.status.success(),
                 "openssl {args:?} failed:\n{}",
