@@ -81,6 +81,13 @@ impl Daemon {
         start.elapsed()
     }
 
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn log_with(&self, needle: &str, timeout: Duration) -> String {
+        wait_for(timeout, &format!("{needle:?} in the haconfd log"), || {
+            Some(self.log_text()).filter(|l| l.contains(needle))
+        })
+    }
+
     /// Stops the daemon (SIGTERM, exit 0 within 60 s) and waits for the HAProxy master it
     /// supervised to be gone.
     pub fn stop_with_master(&mut self, master: u32) {
