@@ -290,11 +290,9 @@ fn a_new_mode_is_applied_to_unchanged_bytes() {
 /// an unprivileged user. A probe script tries to write into a directory only root may write:
 /// as root it can (the positive control), as `nobody` it cannot, and both checks pass.
 #[test]
+#[ignore = "needs root"]
 fn check_user_runs_haproxy_c_without_privilege() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to switch users");
-        return;
-    }
+    common::needs_root("switching users for `haproxy -c`");
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
