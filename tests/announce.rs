@@ -444,40 +444,28 @@ fn health_checks_remove_and_restore_the_key() {
     // tcp://: a listener the test closes and opens again on the same port.
     let listener = Listener::open(0);
     let port = listener.port;
-    let check = format!("tcp://127.0.0.1:{port}");
-    let tcp = Announce::start(&args(
-        &url,
-        "tcp",
-        "30s",
-        &[
-            "--check",
-            &check,
-            "--check-interval",
-            "200ms",
-            "--rise",
-            "2",
-            "--fall",
-            "2",
-        ],
-    ));
+    // Checked every 200 ms, 2 in a row to rise or fall.
+    let checked = |id: &str, check: &str| {
+        Announce::start(&args(
+            &url,
+            id,
+            "30s",
+            &[
+                "--check",
+                check,
+                "--check-interval",
+                "200ms",
+                "--rise",
+                "2",
+                "--fall",
+                "2",
+            ],
+        ))
+    };
+    let tcp = checked("tcp", &format!("tcp://127.0.0.1:{port}"));
     // http://: a server that answers 200 or 503.
     let server = Health::start();
-    let check = format!("http://127.0.0.1:{}/health", server.port);
-    let http = Announce::start(&args(
-        &url,
-        "http",
-        "30s",
-        &[
-            "--check",
-            &check,
-            "--check-interval",
-            "200ms",
-            "--rise",
-            "2",
-            "--fall",
-            "2",
-        ],
-    ));
+    let http = checked("http", &format!("http://127.0.0.1:{}/health", server.port));
     // A check that never passes: never registered.
     let dead = format!("tcp://127.0.0.1:{}", free_port());
     let never = Announce::start(&args(

@@ -100,12 +100,7 @@ fn supervise() -> Opts {
 fn a_structural_change_is_one_confirmed_reload_and_the_new_worker_serves_it() {
     let a = Backend::start("backend-A");
     let b = Backend::start("backend-B");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let mut lb = Lb::serving_web(&a, supervise());
     let before = lb.proc().expect("show proc");
     assert_eq!(before.failed, 0);
     let old_workers = lb.workers();
@@ -220,15 +215,8 @@ fn a_reload_that_cannot_bind_restores_the_file_and_the_old_worker_keeps_serving(
 
 #[test]
 fn server_only_changes_use_the_runtime_api_and_never_reload() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut lb = Lb::serving_web(&a, supervise());
     let before = lb.proc().expect("show proc");
     lb.assert_agree("be_web");
     let mut runtime = 0;
@@ -283,15 +271,8 @@ fn server_only_changes_use_the_runtime_api_and_never_reload() {
 
 #[test]
 fn a_killed_master_is_restarted_and_sigterm_leaves_no_process_behind() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut lb = Lb::serving_web(&a, supervise());
     let haconfd = lb.daemon.pid();
     // A reload (which saves the server state), then a runtime move of web's instance: the
     // state file now holds a port that no longer holds.
@@ -428,12 +409,7 @@ fn exhausting_the_spare_slots_is_one_reload_that_regrows_them() {
 #[test]
 fn a_restart_while_the_source_is_unreadable_serves_the_installed_config() {
     let a = Backend::start("backend-A");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let mut lb = Lb::serving_web(&a, supervise());
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
     let installed = lb.dest();
 

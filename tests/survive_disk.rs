@@ -400,16 +400,6 @@ fn template_config(dest: &Path) -> TemplateConfig {
     }
 }
 
-/// The names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// A `dest` whose rename fails (here: it is a directory), with a `.prev` beside it.
 fn unrenamable() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -452,7 +442,10 @@ fn a_rename_that_fails_leaves_the_previous_copy_and_nothing_staged() {
         b"the previous copy\n",
         ".prev changed although dest did not"
     );
-    assert_eq!(names(dir.path()), ["haproxy.cfg", "haproxy.cfg.prev"]);
+    assert_eq!(
+        common::dir_names(dir.path()),
+        ["haproxy.cfg", "haproxy.cfg.prev"]
+    );
 }
 
 #[test]
@@ -465,5 +458,8 @@ fn a_restore_that_fails_leaves_nothing_staged() {
             .contains(&format!("cannot restore {}", dest.display())),
         "{e}"
     );
-    assert_eq!(names(dir.path()), ["haproxy.cfg", "haproxy.cfg.prev"]);
+    assert_eq!(
+        common::dir_names(dir.path()),
+        ["haproxy.cfg", "haproxy.cfg.prev"]
+    );
 }

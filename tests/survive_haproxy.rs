@@ -201,15 +201,8 @@ fn later_changes_apply(node: &Lb, a: &Backend, b: &Backend, c: &Backend) {
 /// workers), and checks that haconfd serves the last good config again from a new master,
 /// logs and counts it, and that later changes apply against that master.
 fn survives_a_sigkill(victim: impl Fn(u32, &[u32]) -> u32, what: &str) {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut node = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])]),
-        Opts::default(),
-    );
-    node.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut node = Lb::serving_web(&a, Opts::default());
     // A reload (which saves the server state), then a Runtime API move of web's instance: the
     // last good config is the installed file, and no older state may come back over it.
     node.ws.write_registry(registry(&[
@@ -351,9 +344,7 @@ impl Drop for Supervised {
 
 #[test]
 fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_servers() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
+    let (a, b, c) = Backend::abc();
     let ws = Workspace::new("yaml");
     ws.write_registry(registry(&[("web", &[at("a", &a)])]));
     // The first file, rendered once without HAProxy, for HAProxy's own supervisor to start.
@@ -434,15 +425,8 @@ fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_ser
 
 #[test]
 fn a_restarted_haconfd_adopts_the_haproxy_it_left_running_so_there_is_never_a_second() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut node = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])]),
-        Opts::default(),
-    );
-    node.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut node = Lb::serving_web(&a, Opts::default());
     let orphan = node.proc().expect("show proc").master_pid;
     assert_eq!(listening_masters(node.port()), BTreeSet::from([orphan]));
 
@@ -515,12 +499,7 @@ fn a_restarted_haconfd_adopts_the_haproxy_it_left_running_so_there_is_never_a_se
 #[test]
 fn sigterm_softly_stops_an_adopted_haproxy() {
     let a = Backend::start("backend-A");
-    let mut node = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])]),
-        Opts::default(),
-    );
-    node.reach("web", "backend-A");
+    let mut node = Lb::serving_web(&a, Opts::default());
     let orphan = node.proc().expect("show proc").master_pid;
     node.daemon.child.kill().expect("SIGKILL haconfd");
     node.daemon.child.wait().expect("reap haconfd");

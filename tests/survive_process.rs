@@ -331,22 +331,9 @@ fn out_of_inotify_instances_it_polls_and_still_applies() {
     assert_eq!(held, limit, "the hog did not use up the instances: {line}");
     eprintln!("the hog holds {held} inotify instances ({})", line.trim());
 
-    let log = ws.path("haconfd.log");
-    let child = Command::new(haconfd_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&ws.config)
-        .env_remove("HACONFD_CONFIG")
-        .env("HACONFD_LOG", "info")
-        .current_dir(ws.dir.path())
-        .uid(uid)
-        .gid(uid)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log).expect("create log"))
-        .spawn()
-        .expect("start haconfd run");
-    let mut daemon = Daemon { child, log };
+    let mut cmd = ws.run_command("info");
+    cmd.uid(uid).gid(uid);
+    let mut daemon = Daemon::spawn(cmd, ws.path("haconfd.log"));
 
     wait_for(SETTLE, "the first apply", || {
         if let Ok(Some(status)) = daemon.child.try_wait() {

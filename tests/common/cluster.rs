@@ -74,20 +74,7 @@ impl Member {
     /// GET /health on the metrics listener answers {"health":"true"} (this member sees a
     /// leader).
     pub fn healthy(&self) -> bool {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
+        super::etcd::healthy(self.metrics_port)
     }
 }
 

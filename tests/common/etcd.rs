@@ -252,18 +252,7 @@ impl Etcd {
 
     /// GET /health on the metrics listener answers {"health":"true"}.
     pub fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
+        healthy(self.metrics_port)
     }
 
     pub fn pid(&self) -> Option<Pid> {
@@ -511,6 +500,25 @@ impl Etcd {
         });
         self.auth = Some(("root".into(), root_password.into()));
     }
+}
+
+/// Whether GET /health on the etcd metrics listener at 127.0.0.1:`metrics_port` answers
+/// {"health":"true"} (the member sees a leader).
+pub fn healthy(metrics_port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
 }
 
 /// Puts one key through `c`; returns the revision.

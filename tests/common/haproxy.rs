@@ -361,6 +361,15 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Three backends named backend-A, backend-B and backend-C.
+    pub fn abc() -> (Backend, Backend, Backend) {
+        (
+            Backend::start("backend-A"),
+            Backend::start("backend-B"),
+            Backend::start("backend-C"),
+        )
+    }
+
     pub fn start(name: &str) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
         let port = listener.local_addr().expect("local addr").port();

@@ -12,7 +12,8 @@ use std::time::Duration;
 use haconfd::haproxy::master::{ProcInfo, parse_show_proc};
 
 use super::haproxy::{
-    Daemon, Opts, PidGuard, Workspace, cli_command, file_servers, http_get, runtime_servers,
+    Backend, Daemon, Opts, PidGuard, Workspace, at, cli_command, file_servers, http_get, registry,
+    runtime_servers,
 };
 use super::wait_for;
 
@@ -44,6 +45,18 @@ impl Lb {
         });
         lb.masters.push(PidGuard(Some(info.master_pid)));
         lb.wait_applied("start", 1);
+        lb
+    }
+
+    /// [`Lb::start`] in a new workspace whose registry holds one instance of web, `a` at
+    /// `backend`; returns once HAProxy serves it.
+    pub fn serving_web(backend: &Backend, opts: Opts) -> Lb {
+        let lb = Lb::start(
+            Workspace::new("yaml"),
+            &registry(&[("web", &[at("a", backend)])], ""),
+            opts,
+        );
+        lb.reach("web", &backend.name);
         lb
     }
 
