@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::haproxy::{Daemon, Opts, Workspace, http_get, serves};
+use common::admin::Admin;
+use common::haproxy::{Daemon, Opts, Workspace, serves};
 use common::wait_for;
 use haconfd::config::TemplateConfig;
 use haconfd::haproxy::install;
@@ -138,7 +139,7 @@ struct Case {
     ws: Workspace,
     disk: Tmpfs,
     daemon: Daemon,
-    admin: u16,
+    admin: Admin,
     /// Armed: the check wrapper remounts dest's directory read-only after its next check.
     arm: PathBuf,
 }
@@ -178,7 +179,7 @@ impl Case {
             );
         }
         std::fs::write(&ws.config, text).expect("write the config");
-        let admin = ws.admin_port().expect("the admin port in the config");
+        let admin = ws.admin().expect("the admin port in the config");
         ws.write_registry(registry(&["w1"]));
         let daemon = ws.spawn_run();
         let case = Case {
@@ -209,9 +210,7 @@ impl Case {
 
     /// Status and body of `GET path` on the admin endpoint.
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.admin, "localhost", path)
-            .ok()
-            .map(|r| (r.status, r.body))
+        self.admin.get(path)
     }
 
     fn wait_serving(&self, id: &str, within: Duration, what: &str) {

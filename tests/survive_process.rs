@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::haproxy::{Daemon, Opts, Workspace, http_get, serves, signal};
+use common::haproxy::{Daemon, Opts, Workspace, serves, signal};
 use common::{haconfd_bin, wait_exit, wait_for};
 
 /// Generous bounds: they only cap a failing test, the tests never wait them out when passing.
@@ -32,10 +32,7 @@ fn registry(instances: &[(&str, u16)]) -> String {
 
 /// A metric's value from the daemon's `/metrics`, if it answers and has it.
 fn metric(ws: &Workspace, name: &str) -> Option<f64> {
-    let port = ws.admin_port()?;
-    let body = http_get(port, "localhost", "/metrics").ok()?.body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    ws.admin()?.metric(name)
 }
 
 /// A process's state letter and parent PID from `/proc/<pid>/stat`.
