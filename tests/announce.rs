@@ -754,7 +754,7 @@ fn haproxy_routes_to_an_announced_server_until_it_stops() {
     ws.write_config(&Opts {
         mode: "supervise",
         extra: "\n[guard]\nmax_drop_percent = 100\n".into(),
-        etcd: Some(etcd_table(&[url.clone()])),
+        etcd: Some(etcd_table(std::slice::from_ref(&url))),
         ..Opts::default()
     });
     let mut daemon = ws.spawn_run();
