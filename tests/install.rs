@@ -177,22 +177,19 @@ fn the_configured_mode_is_applied() {
         };
         ws.write_config(&opts);
         render_ok(&ws);
-        let perm = std::fs::metadata(&ws.dest)
-            .expect("stat")
-            .permissions()
-            .mode()
-            & 0o7777;
+        let perm = mode_of(&ws.dest);
         assert_eq!(perm, want, "mode {mode}");
         // A later change keeps the mode.
         ws.write_registry(REGISTRY_V2);
         render_ok(&ws);
-        let perm = std::fs::metadata(&ws.dest)
-            .expect("stat")
-            .permissions()
-            .mode()
-            & 0o7777;
+        let perm = mode_of(&ws.dest);
         assert_eq!(perm, want, "mode {mode} after a change");
     }
+}
+
+/// The permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
 }
 
 #[test]
@@ -258,11 +255,7 @@ fn a_new_mode_is_applied_to_unchanged_bytes() {
         ..Opts::default()
     });
     render_ok(&ws);
-    let perm = std::fs::metadata(&ws.dest)
-        .expect("stat")
-        .permissions()
-        .mode()
-        & 0o7777;
+    let perm = mode_of(&ws.dest);
     assert_eq!(perm, 0o640);
     assert_eq!(
         stamp(&ws.dest).0,
