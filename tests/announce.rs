@@ -8,112 +8,26 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::docker::{CONTAINER, FakeEngine, HOST_PORT};
 use common::etcd::Etcd;
-use common::haproxy::{Backend, Opts, PidGuard, Workspace, http_get, master_pid};
-use common::{free_port, haconfd_bin, wait_for};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::haproxy::{Backend, Opts, PidGuard, Workspace, etcd_table, http_get, master_pid};
+use common::run::{Announce, EtcdDaemon};
+use common::{free_port, haconfd, wait_for};
+use nix::sys::signal::Signal;
 
 /// How long a registration may take to show before a test gives up.
 const SETTLE: Duration = Duration::from_secs(30);
-
-/// A running `haconfd announce`, ended by its PID on drop.
-struct Announce {
-    child: Child,
-    _dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Announce {
-    fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Announce {
-        let dir = tempfile::Builder::new()
-            .prefix("haconfd-announce-")
-            .tempdir()
-            .expect("tempdir");
-        let log = dir.path().join("announce.log");
-        let err = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(haconfd_bin())
-            .arg("announce")
-            .args(args)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start haconfd announce");
-        Announce {
-            child,
-            _dir: dir,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal announce");
-    }
-
-    /// Waits (bounded) for the exit; returns the exit code.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        common::wait_exit(&mut self.child, timeout)
-    }
-}
-
-impl Drop for Announce {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(Signal::SIGTERM);
-            if self.wait_exit(Duration::from_secs(5)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-}
-
-/// A key's value and lease id, if the key exists.
-fn entry(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
-    etcd.with_client(async |c| {
-        let r = c.get(key, None).await?;
-        Ok(r.kvs()
-            .first()
-            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
-    })
-}
-
-/// A lease's granted TTL and remaining TTL in seconds (-1 when it does not exist).
-fn lease_ttl(etcd: &Etcd, lease: i64) -> (i64, i64) {
-    etcd.with_client(async |c| {
-        let r = c.lease_time_to_live(lease, None).await?;
-        Ok((r.granted_ttl(), r.ttl()))
-    })
-}
-
-fn revoke(etcd: &Etcd, lease: i64) {
-    etcd.with_client(async |c| {
-        c.lease_revoke(lease).await?;
-        Ok(())
-    })
-}
 
 /// Waits until `key` exists and returns its value and lease.
 fn wait_key(etcd: &Etcd, key: &str, a: &Announce, what: &str) -> (String, i64) {
     let deadline = Instant::now() + SETTLE;
     loop {
-        if let Some(e) = entry(etcd, key) {
+        if let Some(e) = etcd.entry(key) {
             return e;
         }
         assert!(
@@ -135,7 +49,7 @@ fn wait_gone(
 ) -> Duration {
     let started = Instant::now();
     loop {
-        if entry(etcd, key).is_none() {
+        if etcd.entry(key).is_none() {
             return started.elapsed();
         }
         assert!(
@@ -154,40 +68,15 @@ fn hostname() -> String {
         .to_owned()
 }
 
-/// A config file with the etcd source (what a node's haconfd.toml looks like).
-fn etcd_config(dir: &Path, endpoint: &str) -> PathBuf {
-    let path = dir.join("haconfd.toml");
-    let text = format!(
-        r#"[source]
-kind = "etcd"
-
-[etcd]
-endpoints = ["{endpoint}"]
-dial_timeout = "1s"
-
-[[template]]
-name = "haproxy"
-src = "haproxy.cfg.tera"
-dest = "haproxy.cfg"
-
-[haproxy]
-mode = "none"
-"#
-    );
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
 #[test]
 fn registers_under_a_lease_with_the_asked_ttl_in_plain_and_json_form() {
     let etcd = Etcd::start();
     let url = etcd.endpoint();
-    let dir = tempfile::tempdir().expect("tempdir");
-    // The plain form, etcd from the config's [etcd].
-    let config = etcd_config(dir.path(), &url);
+    // The plain form, etcd from the config's [etcd] (a node's haconfd.toml).
+    let setup = EtcdDaemon::new(&url).write();
     let plain = Announce::start(&[
         "--config",
-        config.to_str().expect("utf-8 path"),
+        setup.config.to_str().expect("utf-8 path"),
         "--service",
         "web",
         "--addr",
@@ -229,7 +118,7 @@ fn registers_under_a_lease_with_the_asked_ttl_in_plain_and_json_form() {
     let (value, lease) = wait_key(&etcd, "/services/web/w1", &plain, "the plain key");
     assert_eq!(value, "127.0.0.1:8080");
     assert_ne!(lease, 0, "the key has no lease");
-    let (granted, remaining) = lease_ttl(&etcd, lease);
+    let (granted, remaining) = etcd.lease_ttl(lease);
     assert_eq!(granted, 7);
     assert!(remaining > 0 && remaining <= 7, "{remaining}");
 
@@ -238,7 +127,7 @@ fn registers_under_a_lease_with_the_asked_ttl_in_plain_and_json_form() {
         value,
         r#"{"addr":"127.0.0.1:9000","weight":50,"meta":{"build":"1.2.3","zone":"a"}}"#
     );
-    assert_eq!(lease_ttl(&etcd, json_lease).0, 60);
+    assert_eq!(etcd.lease_ttl(json_lease).0, 60);
 
     let key = format!("/services/web/{}-9090", hostname());
     let (value, _) = wait_key(&etcd, &key, &default_id, "the key with the default id");
@@ -247,7 +136,9 @@ fn registers_under_a_lease_with_the_asked_ttl_in_plain_and_json_form() {
     // Kept alive past its TTL, and the idle connection is not cut by etcd's ping policy
     // (a 2 s HTTP/2 ping was answered with GOAWAY too_many_pings every 8 s).
     std::thread::sleep(Duration::from_secs(12));
-    let (_, lease_now) = entry(&etcd, "/services/web/w1").expect("kept alive past its TTL");
+    let (_, lease_now) = etcd
+        .entry("/services/web/w1")
+        .expect("kept alive past its TTL");
     assert_eq!(lease_now, lease, "the plain key was registered again");
     for a in [&plain, &json, &default_id] {
         let log = a.log();
@@ -365,20 +256,35 @@ fn drain_removes_the_key_first_then_waits_before_exiting() {
     assert!(revoked < drained, "{log}");
 }
 
+/// The lease id the last "registration renewed" line of `log` names, if any.
+fn renewed_lease(log: &str) -> Option<i64> {
+    let line = log.lines().rfind(|l| l.contains("registration renewed"))?;
+    let hex = line.split("lease=").nth(1)?.split_whitespace().next()?;
+    i64::from_str_radix(hex.trim_matches('"'), 16).ok()
+}
+
 #[test]
 fn registered_again_after_etcd_restarts_and_after_a_long_outage() {
     let mut etcd = Etcd::start();
     let url = etcd.endpoint();
     let a = Announce::start(&args(&url, "r1", "5s", &[]));
     let key = "/services/web/r1";
-    wait_key(&etcd, key, &a, "the key");
+    let (_, first) = wait_key(&etcd, key, &a, "the key");
 
-    // A restart: the keep-alive resumes, so the key outlives its TTL after the restart.
+    // A restart: the keep-alive resumes on the same lease, so the key outlives its TTL after
+    // the restart.
     etcd.restart();
     std::thread::sleep(Duration::from_secs(7));
     let (value, lease) = wait_key(&etcd, key, &a, "the key after the restart");
     assert_eq!(value, "127.0.0.1:8080");
-    assert!(lease_ttl(&etcd, lease).1 > 0);
+    assert_eq!(
+        lease,
+        first,
+        "not the lease announce registered under:\n{}",
+        a.log()
+    );
+    assert!(etcd.lease_ttl(lease).1 > 0);
+    assert_eq!(renewed_lease(&a.log()), Some(first), "{}", a.log());
 
     // Down for longer than the TTL, then back.
     etcd.stop();
@@ -394,7 +300,22 @@ fn registered_again_after_etcd_restarts_and_after_a_long_outage() {
     std::thread::sleep(Duration::from_secs(7));
     let (value, lease) = wait_key(&etcd, key, &a, "the key after the outage");
     assert_eq!(value, "127.0.0.1:8080");
-    assert!(lease_ttl(&etcd, lease).1 > 0);
+    assert!(etcd.lease_ttl(lease).1 > 0);
+    // The key is under the lease announce renewed its registration with, and keeps alive:
+    // the first one if etcd still had it, a new one (said at warn) if it had expired.
+    let log = a.log();
+    assert_eq!(renewed_lease(&log), Some(lease), "{log}");
+    if lease != first {
+        assert!(log.contains("granting a new one"), "{log}");
+    }
+    println!(
+        "after an outage longer than the TTL: {}",
+        if lease == first {
+            "the same lease"
+        } else {
+            "a new lease"
+        }
+    );
     assert!(
         a.log().contains("WARN"),
         "the outage was not logged at warn:\n{}",
@@ -411,20 +332,20 @@ fn a_lost_lease_is_replaced_and_the_key_written_again() {
     let (_, first) = wait_key(&etcd, key, &a, "the key");
 
     // Revoked behind announce's back: the keep-alive answers "not found".
-    revoke(&etcd, first);
+    etcd.revoke(first);
     let second = wait_for(SETTLE, "the key under a new lease", || {
-        entry(&etcd, key).map(|(_, l)| l).filter(|l| *l != first)
+        etcd.entry(key).map(|(_, l)| l).filter(|l| *l != first)
     });
-    assert_eq!(lease_ttl(&etcd, second).0, 5);
+    assert_eq!(etcd.lease_ttl(second).0, 5);
 
     // Frozen for longer than the TTL: the lease expires when etcd runs again.
     etcd.pause();
     std::thread::sleep(Duration::from_secs(8));
     etcd.resume();
     let third = wait_for(SETTLE, "the key under a third lease", || {
-        entry(&etcd, key).map(|(_, l)| l).filter(|l| *l != second)
+        etcd.entry(key).map(|(_, l)| l).filter(|l| *l != second)
     });
-    assert!(lease_ttl(&etcd, third).1 > 0);
+    assert!(etcd.lease_ttl(third).1 > 0);
     let log = a.log();
     assert!(
         log.matches("registering again under a new lease").count()
@@ -523,40 +444,28 @@ fn health_checks_remove_and_restore_the_key() {
     // tcp://: a listener the test closes and opens again on the same port.
     let listener = Listener::open(0);
     let port = listener.port;
-    let check = format!("tcp://127.0.0.1:{port}");
-    let tcp = Announce::start(&args(
-        &url,
-        "tcp",
-        "30s",
-        &[
-            "--check",
-            &check,
-            "--check-interval",
-            "200ms",
-            "--rise",
-            "2",
-            "--fall",
-            "2",
-        ],
-    ));
+    // Checked every 200 ms, 2 in a row to rise or fall.
+    let checked = |id: &str, check: &str| {
+        Announce::start(&args(
+            &url,
+            id,
+            "30s",
+            &[
+                "--check",
+                check,
+                "--check-interval",
+                "200ms",
+                "--rise",
+                "2",
+                "--fall",
+                "2",
+            ],
+        ))
+    };
+    let tcp = checked("tcp", &format!("tcp://127.0.0.1:{port}"));
     // http://: a server that answers 200 or 503.
     let server = Health::start();
-    let check = format!("http://127.0.0.1:{}/health", server.port);
-    let http = Announce::start(&args(
-        &url,
-        "http",
-        "30s",
-        &[
-            "--check",
-            &check,
-            "--check-interval",
-            "200ms",
-            "--rise",
-            "2",
-            "--fall",
-            "2",
-        ],
-    ));
+    let http = checked("http", &format!("http://127.0.0.1:{}/health", server.port));
     // A check that never passes: never registered.
     let dead = format!("tcp://127.0.0.1:{}", free_port());
     let never = Announce::start(&args(
@@ -603,108 +512,23 @@ fn health_checks_remove_and_restore_the_key() {
     );
 
     assert!(
-        entry(&etcd, "/services/web/never").is_none(),
+        etcd.entry("/services/web/never").is_none(),
         "{}",
         never.log()
     );
     assert!(never.log().contains("not registering"), "{}", never.log());
 }
 
-/// A fake Docker Engine API on a unix socket: answers `GET /containers/{name}/json` with the
-/// documented inspect shape, 404 for other names, and records the request lines. While
-/// `published` is false the container's port is not yet bound (as while it starts).
-struct FakeDocker {
-    socket: PathBuf,
-    requests: Arc<Mutex<Vec<String>>>,
-    published: Arc<AtomicBool>,
-    served: Arc<AtomicUsize>,
-    _dir: tempfile::TempDir,
-}
-
-impl FakeDocker {
-    fn start(host_port: u16, chunked: bool) -> FakeDocker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("docker.sock");
-        let listener = UnixListener::bind(&socket).expect("bind the fake Docker socket");
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let published = Arc::new(AtomicBool::new(true));
-        let served = Arc::new(AtomicUsize::new(0));
-        let (req, publ, count) = (
-            Arc::clone(&requests),
-            Arc::clone(&published),
-            Arc::clone(&served),
-        );
-        // The thread ends when the test process does: it only serves a temp socket.
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let line = text.lines().next().unwrap_or("").to_owned();
-                req.lock().expect("lock").push(line.clone());
-                count.fetch_add(1, Ordering::SeqCst);
-                let (status, body) = if line.starts_with("GET /containers/web-1/json ") {
-                    let ports = if publ.load(Ordering::SeqCst) {
-                        format!(
-                            r#"{{"8080/tcp":[{{"HostIp":"0.0.0.0","HostPort":"{host_port}"}},{{"HostIp":"::","HostPort":"{host_port}"}}],"9090/tcp":null}}"#
-                        )
-                    } else {
-                        r#"{"8080/tcp":null}"#.to_owned()
-                    };
-                    (
-                        "200 OK",
-                        format!(
-                            r#"{{"Id":"0123abcd","Name":"/web-1","State":{{"Status":"running","Running":true}},"NetworkSettings":{{"IPAddress":"127.0.0.2","Ports":{ports}}}}}"#
-                        ),
-                    )
-                } else {
-                    (
-                        "404 Not Found",
-                        r#"{"message":"No such container: other"}"#.to_owned(),
-                    )
-                };
-                let response = if chunked {
-                    let (a, b) = body.split_at(body.len() / 2);
-                    format!(
-                        "HTTP/1.1 {status}\r\nApi-Version: 1.43\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
-                        a.len(),
-                        b.len()
-                    )
-                } else {
-                    format!(
-                        "HTTP/1.1 {status}\r\nApi-Version: 1.43\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                };
-                let _ = conn.write_all(response.as_bytes());
-            }
-        });
-        FakeDocker {
-            socket,
-            requests,
-            published,
-            served,
-            _dir: dir,
-        }
-    }
-}
-
+/// The Engine API's answers are Docker Engine API v1.43 answers (tests/fixtures/docker/), served
+/// by a fake on a unix socket: no Docker daemon runs here.
 #[test]
 fn docker_port_discovery_from_the_engine_api() {
     let etcd = Etcd::start();
     let url = etcd.endpoint();
 
     // Content-Length answer; the host from --docker-host-ip's default.
-    let docker = FakeDocker::start(32768, false);
-    let socket = docker.socket.to_str().expect("utf-8").to_owned();
+    let docker = FakeEngine::start("inspect-published.http", false);
+    let socket = docker.socket_str();
     let a = Announce::start(&[
         "--etcd",
         &url,
@@ -713,14 +537,14 @@ fn docker_port_discovery_from_the_engine_api() {
         "--id",
         "d1",
         "--docker-container",
-        "web-1",
+        CONTAINER,
         "--container-port",
         "8080/tcp",
         "--docker-socket",
         &socket,
     ]);
     let (value, _) = wait_key(&etcd, "/services/web/d1", &a, "the discovered key");
-    assert_eq!(value, "127.0.0.1:32768");
+    assert_eq!(value, format!("127.0.0.1:{HOST_PORT}"));
     assert_eq!(
         docker
             .requests
@@ -731,11 +555,11 @@ fn docker_port_discovery_from_the_engine_api() {
         Some("GET /containers/web-1/json HTTP/1.1")
     );
 
-    // Chunked answer, the port not published at first (the container is starting), the host
-    // from --addr, the id from the host name and the discovered port.
-    let docker = FakeDocker::start(32769, true);
-    docker.published.store(false, Ordering::SeqCst);
-    let socket = docker.socket.to_str().expect("utf-8").to_owned();
+    // Chunked answer, the port not published at first (the container runs without `-p`
+    // until it is recreated with it), the host from --addr, the id from the host name and
+    // the discovered port.
+    let docker = FakeEngine::start("inspect-unpublished.http", true);
+    let socket = docker.socket_str();
     let b = Announce::start(&[
         "--etcd",
         &url,
@@ -744,20 +568,20 @@ fn docker_port_discovery_from_the_engine_api() {
         "--addr",
         "localhost",
         "--docker-container",
-        "web-1",
+        CONTAINER,
         "--container-port",
         "8080",
         "--docker-socket",
         &socket,
     ]);
     wait_for(SETTLE, "a retry after the unpublished port", || {
-        (docker.served.load(Ordering::SeqCst) >= 2).then_some(())
+        (docker.served() >= 2).then_some(())
     });
     assert!(b.log().contains("not published"), "{}", b.log());
-    docker.published.store(true, Ordering::SeqCst);
-    let key = format!("/services/web/{}-32769", hostname());
+    docker.set_container("inspect-published.http");
+    let key = format!("/services/web/{}-{HOST_PORT}", hostname());
     let (value, _) = wait_key(&etcd, &key, &b, "the key after the port was published");
-    assert_eq!(value, "localhost:32769");
+    assert_eq!(value, format!("localhost:{HOST_PORT}"));
 
     // An unknown container is reported, and retried, until stopped.
     let mut c = Announce::start(&[
@@ -779,7 +603,7 @@ fn docker_port_discovery_from_the_engine_api() {
     });
     c.signal(Signal::SIGTERM);
     assert_eq!(c.wait_exit(SETTLE), Some(0), "{}", c.log());
-    assert!(entry(&etcd, "/services/web/d3").is_none());
+    assert!(etcd.entry("/services/web/d3").is_none());
 }
 
 #[test]
@@ -907,13 +731,8 @@ fn bad_arguments_exit_64_naming_the_flag() {
         ),
     ];
     for (args, flag) in cases {
-        let out = Command::new(haconfd_bin())
-            .arg("announce")
-            .args(*args)
-            .env_remove("HACONFD_CONFIG")
-            .output()
-            .expect("run haconfd");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = haconfd(&[&["announce"][..], args].concat());
+        let stderr = common::stderr(&out);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(
             stderr.contains(flag),
@@ -932,17 +751,12 @@ fn haproxy_routes_to_an_announced_server_until_it_stops() {
     etcd.put("/services/other/o1", &format!("127.0.0.1:{}", other.port));
 
     let ws = Workspace::new("yaml");
-    let text = ws.config_text(&Opts {
+    ws.write_config(&Opts {
         mode: "supervise",
         extra: "\n[guard]\nmax_drop_percent = 100\n".into(),
+        etcd: Some(etcd_table(std::slice::from_ref(&url))),
         ..Opts::default()
     });
-    let file_table = format!("[file]\npath = \"{}\"\n", ws.registry.display());
-    assert!(text.contains(&file_table), "{text}");
-    let text = text
-        .replace("kind = \"file\"", "kind = \"etcd\"")
-        .replace(&file_table, &format!("[etcd]\nendpoints = [\"{url}\"]\n"));
-    std::fs::write(&ws.config, text).expect("write config");
     let mut daemon = ws.spawn_run();
     let port = ws.bind_port;
 

@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::process::Output;
-
 use common::haproxy::{Opts, Workspace, serves};
+use common::{stderr, stdout};
 use haconfd::config::Config;
 use haconfd::metrics::Metrics;
 use haconfd::render::Templates;
@@ -23,14 +22,6 @@ services:
 routes:
   web: '{"hosts":["web.localhost"],"paths":["/b","/a"],"balance":"leastconn"}'
 "#;
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A workspace over [`REGISTRY`] with the default template and `[haproxy] mode = "none"`.
 fn workspace() -> Workspace {
@@ -368,14 +359,7 @@ split=3
 join=a+b+c
 keys=api/a1 web/w1 web/w2 
 "#;
-    let got = stdout(&out);
-    if got != want {
-        let diff = similar::TextDiff::from_lines(want, got.as_str())
-            .unified_diff()
-            .header("expected", "rendered")
-            .to_string();
-        panic!("the custom template rendered differently:\n{diff}");
-    }
+    common::assert_same_lines("the custom template's render", want, &stdout(&out));
     // getv without default on a missing key is an error naming the key.
     ws.set_template("{{ getv(key=\"/app/missing\") }}\n");
     let out = ws.haconfd(&["render", "--print"]);
@@ -399,16 +383,23 @@ fn check_and_print_with_a_host_map() {
     assert!(!map.exists() && !ws.dest.exists(), "check wrote a file");
     let out = ws.haconfd(&["render", "--print"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!("map({},_no_route)", map.display())),
+    // The frontend looks every host up in the map: one line, the map's path in it.
+    let text = stdout(&out);
+    let lookups: Vec<&str> = text.lines().filter(|l| l.contains("map(")).collect();
+    assert_eq!(
+        lookups,
+        [format!(
+            "    use_backend %[var(txn.host),map({},_no_route)]",
+            map.display()
+        )],
         "{text}"
     );
+    // The map: api by its name; web has path routes, so it keeps its acl rules instead.
     let out = ws.haconfd(&["render", "--print", "--template", "hosts"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(" be_"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    common::assert_same_lines(
+        "the rendered host map",
+        "# Rendered by haconfd from templates/hosts.map.tera: <host> <backend>\napi be_api\n\n",
+        &stdout(&out),
     );
 }

@@ -14,142 +14,47 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::etcd::{Etcd, EtcdOptions, TlsFiles};
-use common::{free_port, haconfd_bin, wait_for};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-const TEMPLATE: &str = "{% for s in services -%}
-{% for i in s.instances -%}
-server {{ s.name }}/{{ i.id }} {{ i.addr }}
-{% endfor -%}
-{% endfor -%}
-";
+use common::run::{Announce, EtcdDaemon, Run, Setup};
+use common::wait_for;
 
 /// How long a change may take to reach dest before a test gives up.
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// A running `haconfd run`, killed by PID on drop.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    config: PathBuf,
+/// The config of these tests' daemons over `endpoints` (`etcd_extra` is appended to the [etcd]
+/// table), with the etcd source's debug log.
+fn configure(endpoints: &[String], etcd_extra: &str, resync: &str) -> Setup {
+    EtcdDaemon::endpoints(endpoints)
+        .etcd_extra(etcd_extra)
+        .resync(resync)
+        .max_drop_percent(100)
+        .log("info,haconfd::source::etcd=debug")
+        .write()
 }
 
-impl Daemon {
-    /// Writes a config for `endpoint` (`etcd_extra` is appended to the [etcd] table) and
-    /// starts `haconfd run`.
-    fn start(endpoint: &str, etcd_extra: &str, resync: &str) -> Daemon {
-        let d = Daemon::configure(endpoint, etcd_extra, resync);
-        d.spawn()
-    }
+/// `haconfd run` over the etcd at `endpoint`.
+fn start(endpoint: &str, etcd_extra: &str, resync: &str) -> Run {
+    configure(&[endpoint.to_owned()], etcd_extra, resync).spawn()
+}
 
-    fn configure(endpoint: &str, etcd_extra: &str, resync: &str) -> Daemon {
-        Daemon::configure_endpoints(&[endpoint.to_owned()], etcd_extra, resync)
-    }
-
-    /// As [`Daemon::configure`], with several endpoints (a cluster's members).
-    fn configure_endpoints(endpoints: &[String], etcd_extra: &str, resync: &str) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("haconfd-etcd-test-")
-            .tempdir()
-            .expect("tempdir");
-        let src = dir.path().join("servers.tera");
-        std::fs::write(&src, TEMPLATE).expect("write template");
-        std::fs::create_dir(dir.path().join("out")).expect("out dir");
-        let config = dir.path().join("haconfd.toml");
-        let text = format!(
-            r#"
-[source]
-kind = "etcd"
-prefixes = ["/services/", "/routes/"]
-resync = "{resync}"
-
-[etcd]
-endpoints = [{endpoints}]
-dial_timeout = "1s"
-{etcd_extra}
-
-[[template]]
-name = "servers"
-src = "{src}"
-dest = "{dest}"
-check = false
-
-[haproxy]
-mode = "none"
-
-[wait]
-min = "50ms"
-max = "500ms"
-
-[guard]
-max_drop_percent = 100
-
-[admin]
-listen = "127.0.0.1:{admin}"
-"#,
-            endpoints = endpoints
-                .iter()
-                .map(|e| format!("{e:?}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            src = src.display(),
-            dest = dir.path().join("out/servers.cfg").display(),
-            admin = free_port(),
-        );
-        std::fs::write(&config, text).expect("write config");
-        Daemon {
-            child: None,
-            dir,
-            config,
-        }
-    }
-
-    fn spawn(mut self) -> Daemon {
-        let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = Command::new(haconfd_bin())
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info,haconfd::source::etcd=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log clone"))
-            .stderr(log)
-            .spawn()
-            .expect("start haconfd");
-        self.child = Some(child);
-        self
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
-    }
-
-    fn dest(&self) -> PathBuf {
-        self.dir.path().join("out/servers.cfg")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("haconfd.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
+/// What these tests read of a daemon: the `server` lines of its dest.
+trait Dest {
     /// The `server` lines of dest, or None when dest does not exist.
+    fn lines(&self) -> Option<BTreeSet<String>>;
+    /// Waits until dest holds exactly `expected`.
+    fn converge(&self, expected: &BTreeSet<String>, what: &str);
+}
+
+impl Dest for Run {
     fn lines(&self) -> Option<BTreeSet<String>> {
-        server_lines(&self.dest())
+        server_lines(self.dest())
     }
 
-    /// Waits until dest holds exactly `expected`.
     fn converge(&self, expected: &BTreeSet<String>, what: &str) {
         let deadline = Instant::now() + CONVERGE;
         loop {
@@ -168,29 +73,6 @@ listen = "127.0.0.1:{admin}"
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits until the log contains `needle`; returns how long that took.
-    fn wait_log(&self, needle: &str, timeout: Duration) -> Duration {
-        let start = Instant::now();
-        wait_for(timeout, &format!("{needle:?} in the haconfd log"), || {
-            self.log().contains(needle).then_some(())
-        });
-        start.elapsed()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = Pid::from_raw(c.id() as i32);
-            let _ = kill(pid, Signal::SIGCONT);
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = c.wait();
-        }
-        if std::thread::panicking() || std::env::var_os("HACONFD_TEST_SHOW_LOG").is_some() {
-            eprintln!("haconfd log:\n{}", self.log());
         }
     }
 }
@@ -243,7 +125,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 fn a_put_and_a_delete_reach_dest() {
     let etcd = Etcd::start();
     seed(&etcd, 2, 2);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
 
@@ -272,7 +154,7 @@ fn an_idle_watch_is_not_cut_by_etcds_ping_policy() {
     // talking, so an idle watch stays up.
     let etcd = Etcd::start();
     seed(&etcd, 1, 2);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
     std::thread::sleep(Duration::from_secs(12));
@@ -286,7 +168,7 @@ fn an_idle_watch_is_not_cut_by_etcds_ping_policy() {
 fn a_burst_of_1000_keys_converges_to_etcds_final_state() {
     let etcd = Etcd::start();
     seed(&etcd, 2, 3);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
 
     let pairs: Vec<(String, String)> = (0..1000)
@@ -311,7 +193,7 @@ fn a_burst_of_1000_keys_converges_to_etcds_final_state() {
 fn etcd_killed_and_restarted_keeps_dest_then_converges() {
     let mut etcd = Etcd::start();
     seed(&etcd, 2, 2);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
     let before = std::fs::read(d.dest()).expect("dest");
@@ -346,7 +228,7 @@ fn etcd_killed_and_restarted_keeps_dest_then_converges() {
 fn a_frozen_etcd_is_detected_and_the_watch_resumes() {
     let etcd = Etcd::start();
     seed(&etcd, 2, 2);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
     let before = std::fs::read(d.dest()).expect("dest");
@@ -377,7 +259,7 @@ fn a_frozen_etcd_is_detected_and_the_watch_resumes() {
 fn compaction_while_the_watcher_is_behind_rereads_and_never_empties_dest() {
     let mut etcd = Etcd::start();
     seed(&etcd, 3, 10);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
 
@@ -387,7 +269,7 @@ fn compaction_while_the_watcher_is_behind_rereads_and_never_empties_dest() {
     let polls = Arc::new(AtomicUsize::new(0));
     let poller = {
         let (stop, empty_seen, polls) = (stop.clone(), empty_seen.clone(), polls.clone());
-        let dest = d.dest();
+        let dest = d.dest().to_owned();
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -407,7 +289,7 @@ fn compaction_while_the_watcher_is_behind_rereads_and_never_empties_dest() {
     // that it must resume from a revision that is gone. Whatever reached its socket before
     // the freeze, the quiet /routes/ watch still resumes at the first read's revision + 1,
     // which the compaction removed: the compacted path runs every time.
-    kill(d.pid(), Signal::SIGSTOP).expect("SIGSTOP haconfd");
+    d.freeze();
     let pairs: Vec<(String, String)> = (0..300)
         .map(|n| (format!("/services/late{}/i{n:03}", n % 3), addr(1000 + n)))
         .collect();
@@ -420,7 +302,7 @@ fn compaction_while_the_watcher_is_behind_rereads_and_never_empties_dest() {
     let rev = etcd.revision();
     etcd.compact(rev);
     etcd.restart();
-    kill(d.pid(), Signal::SIGCONT).expect("SIGCONT haconfd");
+    d.thaw();
 
     d.converge(&expected(&etcd), "after compaction");
     d.wait_log("etcd compacted revisions the watch had not seen", CONVERGE);
@@ -446,7 +328,7 @@ fn etcd_restored_from_a_backup_is_read_again() {
     seed(&etcd, 2, 3);
     let snapshot = etcd.log_path().with_file_name("snap.db");
     etcd.snapshot_save(&snapshot);
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
     etcd.put("/services/base0/x1", &addr(50));
@@ -474,7 +356,7 @@ fn the_periodic_full_read_corrects_drift() {
     seed(&etcd, 2, 3);
     let snapshot = etcd.log_path().with_file_name("snap.db");
     etcd.snapshot_save(&snapshot);
-    let d = Daemon::start(&etcd.endpoint(), "", "2s");
+    let d = start(&etcd.endpoint(), "", "2s");
     d.converge(&expected(&etcd), "first read");
     d.wait_log("etcd watch running", CONVERGE);
     for i in 0..3 {
@@ -482,12 +364,12 @@ fn the_periodic_full_read_corrects_drift() {
     }
     d.converge(&expected(&etcd), "puts before the restore");
 
-    kill(d.pid(), Signal::SIGSTOP).expect("SIGSTOP haconfd");
+    d.freeze();
     etcd.restore_snapshot(&snapshot);
     for i in 0..6 {
         etcd.put(&format!("/services/base1/y{i}"), &addr(70 + i));
     }
-    kill(d.pid(), Signal::SIGCONT).expect("SIGCONT haconfd");
+    d.thaw();
     let want = expected(&etcd);
     assert!(
         !want.iter().any(|l| l.contains("/x1 ")),
@@ -502,7 +384,7 @@ fn the_periodic_full_read_corrects_drift() {
 #[test]
 fn etcd_down_at_start_leaves_dest_untouched_until_it_appears() {
     let mut etcd = Etcd::with(EtcdOptions::default());
-    let d = Daemon::start(&etcd.endpoint(), "", "5m");
+    let d = start(&etcd.endpoint(), "", "5m");
     d.wait_log("etcd unreachable", CONVERGE);
     // Retried with backoff, not in a tight loop.
     std::thread::sleep(Duration::from_secs(2));
@@ -538,12 +420,12 @@ fn auth_read_only_user_works_and_a_wrong_password_backs_off() {
     std::fs::write(&bad, "not-the-password\n").expect("write");
     let table = |p: &Path| format!("username = \"reader\"\npassword_file = \"{}\"", p.display());
 
-    let ok = Daemon::start(&etcd.endpoint(), &table(&good), "3s");
+    let ok = start(&etcd.endpoint(), &table(&good), "3s");
     ok.converge(&expected(&etcd), "read-only user");
     etcd.put("/services/authed/a", &addr(5));
     ok.converge(&expected(&etcd), "put with auth on");
 
-    let wrong = Daemon::start(&etcd.endpoint(), &table(&bad), "3s");
+    let wrong = start(&etcd.endpoint(), &table(&bad), "3s");
     wrong.wait_log("authentication failed", CONVERGE);
     std::thread::sleep(Duration::from_secs(5));
     let log = wrong.log();
@@ -576,10 +458,6 @@ fn auth_read_only_user_works_and_a_wrong_password_backs_off() {
 
 #[test]
 fn tls_with_a_client_certificate() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("openssl CLI not found: skipping the TLS test");
-        return;
-    }
     let certs = tempfile::tempdir().expect("tempdir");
     let tls = TlsFiles::generate(certs.path());
     let mut etcd = Etcd::with(EtcdOptions {
@@ -595,14 +473,14 @@ fn tls_with_a_client_certificate() {
         tls.client_cert.display(),
         tls.client_key.display()
     );
-    let d = Daemon::start(&etcd.endpoint(), &table, "5m");
+    let d = start(&etcd.endpoint(), &table, "5m");
     d.converge(&expected(&etcd), "over TLS");
     etcd.put("/services/tls/a", &addr(9));
     d.converge(&expected(&etcd), "put over TLS");
 
     // Without the client certificate etcd refuses the connection, and haconfd says so.
     let table = format!("ca_file = \"{}\"", tls.ca.display());
-    let no_cert = Daemon::start(&etcd.endpoint(), &table, "5m");
+    let no_cert = start(&etcd.endpoint(), &table, "5m");
     no_cert.wait_log("etcd unreachable", CONVERGE);
     assert!(!no_cert.dest().exists());
 }
@@ -611,37 +489,23 @@ fn tls_with_a_client_certificate() {
 fn render_print_reads_etcd_once() {
     let etcd = Etcd::start();
     seed(&etcd, 2, 2);
-    let d = Daemon::configure(&etcd.endpoint(), "", "5m");
-    let out = Command::new(haconfd_bin())
-        .args(["render", "--print", "--config"])
-        .arg(&d.config)
-        .env_remove("HACONFD_CONFIG")
-        .output()
-        .expect("run haconfd render");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let setup = configure(&[etcd.endpoint()], "", "5m");
+    let out = setup.haconfd(&["render", "--print"]);
+    common::assert_exit(&out, 0);
+    let text = common::stdout(&out);
     let got: BTreeSet<String> = text
         .lines()
         .filter(|l| l.starts_with("server "))
         .map(str::to_owned)
         .collect();
     assert_eq!(got, expected(&etcd));
-    assert!(!d.dest().exists(), "render --print installed a file");
+    assert!(!setup.dest.exists(), "render --print installed a file");
 
     // With etcd gone it fails clearly instead of rendering nothing.
     drop(etcd);
-    let out = Command::new(haconfd_bin())
-        .args(["render", "--print", "--config"])
-        .arg(&d.config)
-        .env_remove("HACONFD_CONFIG")
-        .output()
-        .expect("run haconfd render");
+    let out = setup.haconfd(&["render", "--print"]);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::stderr(&out);
     assert!(err.contains("etcd"), "{err}");
     assert!(out.stdout.is_empty());
 }
@@ -659,11 +523,11 @@ fn cluster_expected(cluster: &Cluster) -> BTreeSet<String> {
 }
 
 /// A daemon over every member of `cluster`, converged on its registry.
-fn cluster_daemon(cluster: &Cluster) -> Daemon {
+fn cluster_daemon(cluster: &Cluster) -> Run {
     for i in 0..3 {
         cluster.put(&format!("/services/web/i{i}"), &addr(i));
     }
-    let d = Daemon::configure_endpoints(&cluster.endpoints(), "", "5m").spawn();
+    let d = configure(&cluster.endpoints(), "", "5m").spawn();
     d.converge(&cluster_expected(cluster), "first read");
     d.wait_log("etcd watch running", CONVERGE);
     d
@@ -728,7 +592,7 @@ fn a_member_without_a_leader_is_never_read_as_an_empty_registry() {
     cluster.freeze(1);
     cluster.freeze(2);
     let only = vec![cluster.endpoints()[0].clone()];
-    let d = Daemon::configure_endpoints(&only, "", "5m").spawn();
+    let d = configure(&only, "", "5m").spawn();
     d.wait_log("no leader", CONVERGE);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
@@ -790,22 +654,6 @@ impl Sampler {
     }
 }
 
-/// haconfd's admin `/metrics` value of `name` (the daemon's admin port is in its config).
-fn daemon_metric(d: &Daemon, name: &str) -> Option<f64> {
-    let config = std::fs::read_to_string(&d.config).ok()?;
-    let port: u16 = config
-        .lines()
-        .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))?
-        .trim_end_matches('"')
-        .parse()
-        .ok()?;
-    let r = common::haproxy::http_get(port, "127.0.0.1", "/metrics").ok()?;
-    r.body.lines().find_map(|l| {
-        let (n, v) = l.rsplit_once(' ')?;
-        (n == name).then(|| v.parse().ok()).flatten()
-    })
-}
-
 /// Puts `key` through the first member of `members` that takes it, retrying (bounded) while
 /// none can; returns the revision. Each try has 300 ms: a put on a member that still follows
 /// a leader cut off from it waits for that leader, and is better tried again.
@@ -841,7 +689,7 @@ fn the_watch_leaves_a_cut_off_member(zero_leads: bool) {
     );
     let before = d.lines().expect("dest");
     let rev_before = cluster.revision();
-    let sampler = Sampler::start(d.dest(), before.clone());
+    let sampler = Sampler::start(d.dest().to_owned(), before.clone());
 
     let cut = Instant::now();
     cluster.partition(0);
@@ -870,7 +718,7 @@ fn the_watch_leaves_a_cut_off_member(zero_leads: bool) {
     wait_for(
         CONVERGE,
         "haconfd_applied_revision to reach the last put",
-        || (daemon_metric(&d, "haconfd_applied_revision") == Some(last as f64)).then_some(()),
+        || (d.admin().metric("haconfd_applied_revision") == Some(last as f64)).then_some(()),
     );
     let log = d.log();
     assert_eq!(count(&log, "full read of etcd"), 1, "{log}");
@@ -928,64 +776,6 @@ fn the_watch_leaves_a_leader_cut_off_from_the_cluster() {
     the_watch_leaves_a_cut_off_member(true);
 }
 
-/// A running `haconfd announce`, ended by its PID on drop.
-struct Announcer {
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Announcer {
-    fn start(args: &[String]) -> Announcer {
-        let dir = tempfile::Builder::new()
-            .prefix("haconfd-announce-")
-            .tempdir()
-            .expect("tempdir");
-        let log = dir.path().join("announce.log");
-        let err = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(haconfd_bin())
-            .arg("announce")
-            .args(args)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info,haconfd=debug")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start haconfd announce");
-        Announcer {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Announcer {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
-        if std::thread::panicking() || std::env::var_os("HACONFD_TEST_SHOW_LOG").is_some() {
-            eprintln!("announce log:\n{}", self.log());
-        }
-    }
-}
-
-/// A key's value and lease id as member `i` reads it: Ok(None) when absent.
-fn entry_on(cluster: &Cluster, i: usize, key: &str) -> Result<Option<(String, i64)>, String> {
-    cluster.with_member(i, async |c| {
-        let r = c.get(key, None).await?;
-        Ok(r.kvs()
-            .first()
-            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
-    })
-}
-
 #[test]
 fn announce_on_a_cut_off_follower_keeps_its_lease() {
     // Member 0 (first in --etcd) is a follower: its keep-alives are forwarded to the leader,
@@ -1024,10 +814,10 @@ fn announce_on_a_cut_off_member_keeps_its_lease(zero_leads: bool) {
         ]
         .map(str::to_owned),
     );
-    let a = Announcer::start(&args);
+    let a = Announce::start_logging(&args, "info,haconfd=debug");
     let key = "/services/web/p1";
     let (_, lease) = wait_for(CONVERGE, "announce's key", || {
-        entry_on(&cluster, 1, key).ok().flatten()
+        cluster.entry_on(1, key).ok().flatten()
     });
     // The lease was granted (a fresh TTL) just before the key appeared.
     let granted = Instant::now();
@@ -1046,7 +836,7 @@ fn announce_on_a_cut_off_member_keeps_its_lease(zero_leads: bool) {
     let mut leases = BTreeSet::from([lease]);
     let mut moved = None;
     while cut.elapsed() < 2 * TTL + Duration::from_secs(1) {
-        match entry_on(&cluster, 1, key) {
+        match cluster.entry_on(1, key) {
             Ok(Some((_, l))) => {
                 leases.insert(l);
             }

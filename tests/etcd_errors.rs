@@ -4,72 +4,22 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::etcd::{Etcd, EtcdOptions, TlsFiles};
-use common::{free_port, haconfd_bin, wait_for, write_atomic};
+use common::run::{Announce, EtcdDaemon, Setup};
+use common::{assert_exit, stderr, wait_for, write_atomic};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// A config over etcd `endpoint` with `etcd_extra` in its `[etcd]` table, in `dir`.
-fn write_config(dir: &Path, endpoint: &str, etcd_extra: &str) -> PathBuf {
-    let src = dir.join("servers.tera");
-    std::fs::write(
-        &src,
-        "{% for s in services %}{% for i in s.instances %}server {{ s.name }}/{{ i.id }} {{ i.addr }}\n{% endfor %}{% endfor %}",
-    )
-    .expect("write template");
-    let config = dir.join("haconfd.toml");
-    let text = format!(
-        r#"[source]
-kind = "etcd"
-prefixes = ["/services/"]
-
-[etcd]
-endpoints = ["{endpoint}"]
-dial_timeout = "1s"
-{etcd_extra}
-
-[[template]]
-name = "servers"
-src = "{src}"
-dest = "{dest}"
-check = false
-
-[haproxy]
-mode = "none"
-
-[wait]
-min = "50ms"
-max = "500ms"
-
-[admin]
-listen = "127.0.0.1:{admin}"
-"#,
-        src = src.display(),
-        dest = dir.join("servers.cfg").display(),
-        admin = free_port(),
-    );
-    std::fs::write(&config, text).expect("write config");
-    config
-}
-
-fn haconfd(args: &[&str], config: &Path) -> Output {
-    Command::new(haconfd_bin())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("HACONFD_CONFIG")
-        .env_remove("HACONFD_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run haconfd")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// A config over etcd `endpoint`, reading `/services/` only, with `etcd_extra` in its `[etcd]`
+/// table.
+fn write_config(endpoint: &str, etcd_extra: &str) -> Setup {
+    EtcdDaemon::new(endpoint)
+        .prefixes(&["/services/"])
+        .etcd_extra(etcd_extra)
+        .write()
 }
 
 fn tls_etcd(dir: &Path) -> (Etcd, TlsFiles) {
@@ -107,9 +57,9 @@ fn a_tls_file_that_is_missing_is_a_config_error() {
             ),
         ),
     ] {
-        let config = write_config(dir.path(), "https://127.0.0.1:1", &extra);
+        let setup = write_config("https://127.0.0.1:1", &extra);
         for cmd in [&["check"][..], &["render", "--print"]] {
-            let out = haconfd(cmd, &config);
+            let out = setup.haconfd(cmd);
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(64), "{cmd:?} with {key}: {err}");
             assert!(err.contains(key), "names the key: {err}");
@@ -123,8 +73,7 @@ fn http_to_a_tls_etcd_says_to_write_https() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (etcd, tls) = tls_etcd(dir.path());
     let plain = etcd.endpoint().replacen("https://", "http://", 1);
-    let config = write_config(
-        dir.path(),
+    let setup = write_config(
         &plain,
         &format!(
             "cert_file = \"{}\"\nkey_file = \"{}\"",
@@ -133,13 +82,12 @@ fn http_to_a_tls_etcd_says_to_write_https() {
         ),
     );
     // Rejected before any connection: a client certificate over http:// is a config error.
-    let out = haconfd(&["render", "--print"], &config);
-    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let out = setup.haconfd(&["render", "--print"]);
+    assert_exit(&out, 64);
     assert!(stderr(&out).contains("https://"), "{}", stderr(&out));
 
     // Without TLS settings the attempt is made, and its failure says what it may mean.
-    let config = write_config(dir.path(), &plain, "");
-    let out = haconfd(&["render", "--print"], &config);
+    let out = write_config(&plain, "").haconfd(&["render", "--print"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -152,12 +100,11 @@ fn http_to_a_tls_etcd_says_to_write_https() {
 fn a_client_certificate_etcd_asks_for_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (etcd, tls) = tls_etcd(dir.path());
-    let config = write_config(
-        dir.path(),
+    let setup = write_config(
         &etcd.endpoint(),
         &format!("ca_file = \"{}\"", tls.ca.display()),
     );
-    let out = haconfd(&["render", "--print"], &config);
+    let out = setup.haconfd(&["render", "--print"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -173,57 +120,33 @@ fn announce_as_a_read_only_user_is_told_to_grant_write_access() {
     etcd.enable_auth("rootpw", "reader", "readerpw", &["/services/"]);
     let password = dir.path().join("password");
     std::fs::write(&password, "readerpw\n").expect("write password");
-    let config = write_config(
-        dir.path(),
+    let setup = write_config(
         &etcd.endpoint(),
         &format!(
             "username = \"reader\"\npassword_file = \"{}\"",
             password.display()
         ),
     );
-    let log = dir.path().join("announce.log");
-    let mut child = Command::new(haconfd_bin())
-        .args(["announce", "--service", "web", "--addr", "127.0.0.1:18401"])
-        .arg("--config")
-        .arg(&config)
-        .env_remove("HACONFD_CONFIG")
-        .env_remove("HACONFD_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start announce");
+    let config = setup.config.to_str().expect("utf-8 path");
+    let announce = Announce::start(&[
+        "--service",
+        "web",
+        "--addr",
+        "127.0.0.1:18401",
+        "--config",
+        config,
+    ]);
     let text = wait_for(CONVERGE, "announce to report the refusal", || {
-        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        let t = announce.log();
         t.contains("permission denied").then_some(t)
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(announce);
     let line = text
         .lines()
         .find(|l| l.contains("permission denied"))
         .expect("the refusal");
     assert!(line.contains("readwrite"), "{line}");
     assert!(!line.contains("may read"), "not told to grant read: {line}");
-}
-
-/// A running `haconfd run`, killed by PID on drop.
-struct Run {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Run {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -234,37 +157,22 @@ fn a_fixed_password_is_taken_at_once() {
     etcd.enable_auth("rootpw", "reader", "readerpw", &["/services/"]);
     let password = dir.path().join("password");
     std::fs::write(&password, "wrong\n").expect("write password");
-    let config = write_config(
-        dir.path(),
+    let run = write_config(
         &etcd.endpoint(),
         &format!(
             "username = \"reader\"\npassword_file = \"{}\"",
             password.display()
         ),
-    );
-    let log = dir.path().join("run.log");
-    let run = Run {
-        child: Command::new(haconfd_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("start haconfd run"),
-        log,
-    };
+    )
+    .spawn();
     // Let the backoff grow: refusals back off from 1 s towards 10 s.
     wait_for(CONVERGE, "three refusals", || {
         (run.log().matches("etcd refused the connection").count() >= 3).then_some(())
     });
     let fixed = Instant::now();
     write_atomic(&password, b"readerpw\n");
-    let dest = dir.path().join("servers.cfg");
     wait_for(CONVERGE, "the registry over the fixed password", || {
-        std::fs::read_to_string(&dest)
+        std::fs::read_to_string(run.dest())
             .ok()
             .filter(|t| t.contains("127.0.0.1:18402"))
     });

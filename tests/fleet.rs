@@ -23,18 +23,23 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::elb::{Elb, ElbWatch, Load, LoadSpec, Report, Target};
-use common::haproxy::{Backend, PidGuard, cli_command, http_get, master_pid, pid_alive, signal};
+use common::haproxy::{
+    Backend, Daemon, Opts, PidGuard, Workspace, cli_command, etcd_table, http_get, master_pid,
+    pid_alive, signal,
+};
+use common::run::{Announce, show_logs};
 use common::service::Service;
-use common::{free_port, haconfd_bin, repo, wait_exit, wait_for};
+use common::{haconfd_bin, wait_exit, wait_for};
 use nix::sys::signal::Signal;
 
-/// The monitor URI of the default template, which the ELB model checks.
+/// The monitor URI of the default template and config (the nodes leave `[frontend]
+/// monitor_uri` at its default), which the ELB model checks.
 const MONITOR_URI: &str = "/_haconfd/health";
 /// The nodes' lame duck: longer than the ELB's health-check interval (500 ms) × its unhealthy
 /// threshold (2), with a margin for a check in flight.
@@ -84,108 +89,51 @@ impl Features {
 }
 
 /// One node: a `haconfd run` in supervise mode over the cluster, with its own frontend port,
-/// admin port, run dir and dest.
+/// admin port, run dir and dest (a workspace whose config reads etcd).
 struct Node {
     name: &'static str,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    port: u16,
-    child: Option<Child>,
+    ws: Workspace,
+    daemon: Option<Daemon>,
     runs: usize,
     // The HAProxy masters this node's runs started, ended by PID if a test fails before
-    // haconfd stopped them. Declared after `child`: haconfd stops first.
+    // haconfd stopped them. Declared after `daemon`: haconfd stops first.
     masters: Vec<PidGuard>,
 }
 
 impl Node {
     fn new(name: &'static str, endpoints: &[String], features: Features) -> Node {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("haconfd-fleet-{name}-"))
-            .tempdir()
-            .expect("node temp dir");
-        let port = free_port();
-        let run = dir.path().join("run");
-        std::fs::create_dir_all(&run).expect("run dir");
-        std::fs::create_dir_all(dir.path().join("out")).expect("out dir");
-        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
-        let lame_duck = match features.lame_duck {
-            true => format!("lame_duck = \"{LAME_DUCK}\"\n"),
-            false => String::new(),
-        };
+        let ws = Workspace::new("yaml");
         let fleet = match features.fleet {
             true => format!("\n[fleet]\nnode = \"{name}\"\npublish = true\n"),
             false => String::new(),
         };
-        let text = format!(
-            r#"[source]
-kind = "etcd"
-prefixes = ["/services/", "/routes/"]
-
-[etcd]
-endpoints = [{endpoints}]
-
-[[template]]
-name = "hosts"
-src = "{hosts_src}"
-dest = "{out}/hosts.map"
-map = true
-
-[[template]]
-name = "haproxy"
-src = "{src}"
-dest = "{out}/haproxy.cfg"
-mode = "0644"
-check = true
-
-[haproxy]
-mode = "supervise"
-master_socket = "{run}/master.sock"
-runtime_socket = "{run}/admin.sock"
-state_file = "{run}/server-state"
-spare_slots = 2
-reload_timeout = "20s"
-
-[wait]
-min = "50ms"
-max = "500ms"
-
-[frontend]
-bind = ["127.0.0.1:{port}"]
-monitor_uri = "{MONITOR_URI}"
-{lame_duck}
-[admin]
-listen = "127.0.0.1:{admin}"
-{fleet}"#,
-            endpoints = endpoints.join(", "),
-            hosts_src = repo().join("templates/hosts.map.tera").display(),
-            src = repo().join("templates/haproxy.cfg.tera").display(),
-            out = dir.path().join("out").display(),
-            run = run.display(),
-            admin = free_port(),
-        );
-        let config = dir.path().join("haconfd.toml");
-        std::fs::write(&config, text).expect("write node config");
+        ws.write_config(&Opts {
+            mode: "supervise",
+            hosts_map: true,
+            etcd: Some(etcd_table(endpoints)),
+            lame_duck: if features.lame_duck { LAME_DUCK } else { "0s" },
+            extra: fleet,
+            ..Opts::default()
+        });
         Node {
             name,
-            dir,
-            config,
-            port,
-            child: None,
+            ws,
+            daemon: None,
             runs: 0,
             masters: Vec::new(),
         }
     }
 
-    fn master_socket(&self) -> PathBuf {
-        self.dir.path().join("run/master.sock")
+    fn port(&self) -> u16 {
+        self.ws.bind_port
     }
 
     fn runtime_socket(&self) -> PathBuf {
-        self.dir.path().join("run/admin.sock")
+        self.ws.path("run/admin.sock")
     }
 
     fn log_path(&self, run: usize) -> PathBuf {
-        self.dir.path().join(format!("haconfd-run{run}.log"))
+        self.ws.path(&format!("haconfd-run{run}.log"))
     }
 
     /// The log of the current (or last) run.
@@ -195,32 +143,20 @@ listen = "127.0.0.1:{admin}"
 
     /// Starts `haconfd run` and waits until its HAProxy runs.
     fn start(&mut self) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
+        assert!(self.daemon.is_none(), "{} is already running", self.name);
         self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).expect("node log");
-        let child = Command::new(haconfd_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start haconfd run");
-        self.child = Some(child);
+        let cmd = self.ws.run_command("info");
+        self.daemon = Some(Daemon::spawn(cmd, self.log_path(self.runs)));
         let master = wait_for(SETTLE, &format!("{}'s HAProxy master", self.name), || {
             self.assert_running();
-            master_pid(&self.master_socket())
+            master_pid(&self.ws.master_socket())
         });
         self.masters.push(PidGuard(Some(master)));
     }
 
     fn assert_running(&mut self) {
-        if let Some(c) = self.child.as_mut()
-            && let Ok(Some(status)) = c.try_wait()
+        if let Some(d) = self.daemon.as_mut()
+            && let Ok(Some(status)) = d.child.try_wait()
         {
             panic!(
                 "{}'s haconfd exited with {status}:\n{}",
@@ -232,12 +168,10 @@ listen = "127.0.0.1:{admin}"
 
     /// SIGTERM, then waits (bounded) for the exit; the exit code.
     fn stop(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("node is running");
-        signal(child.id(), Signal::SIGTERM);
-        let code = wait_exit(&mut child, timeout);
+        let mut daemon = self.daemon.take().expect("node is running");
+        let code = daemon.terminate(timeout);
         if code.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
+            daemon.kill();
         }
         code
     }
@@ -263,24 +197,22 @@ listen = "127.0.0.1:{admin}"
     fn target(&self) -> Target {
         Target {
             name: self.name.to_owned(),
-            port: self.port,
+            port: self.port(),
         }
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut d) = self.daemon.take() {
             // Teardown: the second SIGTERM is haconfd's forced stop (no lame duck, no drain).
-            signal(c.id(), Signal::SIGTERM);
+            signal(d.pid(), Signal::SIGTERM);
             std::thread::sleep(Duration::from_millis(100));
-            signal(c.id(), Signal::SIGTERM);
-            if wait_exit(&mut c, Duration::from_secs(10)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
+            if d.terminate(Duration::from_secs(10)).is_none() {
+                d.kill();
             }
         }
-        if std::thread::panicking() || std::env::var_os("HACONFD_TEST_SHOW_LOG").is_some() {
+        if show_logs() {
             for run in 1..=self.runs {
                 let log = std::fs::read_to_string(self.log_path(run)).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>();
@@ -295,75 +227,19 @@ impl Drop for Node {
     }
 }
 
-/// `haconfd announce` for one instance, ended by its PID on drop.
-struct Announce {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Announce {
-    fn start(
-        dir: &std::path::Path,
-        id: &str,
-        port: u16,
-        endpoints: &[String],
-        f: Features,
-    ) -> Self {
-        let log = dir.join(format!("announce-{id}.log"));
-        let err = std::fs::File::create(&log).expect("announce log");
-        let mut cmd = Command::new(haconfd_bin());
-        cmd.arg("announce")
-            .args(["--service", "web", "--id", id, "--ttl", TTL])
-            .args(["--addr", &format!("127.0.0.1:{port}")]);
-        if f.drain {
-            cmd.args(["--drain", DRAIN]);
-        }
-        for e in endpoints {
-            cmd.args(["--etcd", e]);
-        }
-        let child = cmd
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start haconfd announce");
-        Announce {
-            child: Some(child),
-            log,
-        }
+/// `haconfd announce` for one instance of `web`.
+fn announce(id: &str, port: u16, endpoints: &[String], f: Features) -> Announce {
+    let mut args: Vec<String> = ["--service", "web", "--id", id, "--ttl", TTL]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(["--addr".to_owned(), format!("127.0.0.1:{port}")]);
+    if f.drain {
+        args.extend(["--drain".to_owned(), DRAIN.to_owned()]);
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    for e in endpoints {
+        args.extend(["--etcd".to_owned(), e.clone()]);
     }
-
-    /// SIGTERM, then waits (bounded) for the exit; the exit code.
-    fn stop(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("announce is running");
-        signal(child.id(), Signal::SIGTERM);
-        let code = wait_exit(&mut child, timeout);
-        if code.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        code
-    }
-}
-
-impl Drop for Announce {
-    fn drop(&mut self) {
-        // Teardown: no drain wanted, the cluster goes away with the test.
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() || std::env::var_os("HACONFD_TEST_SHOW_LOG").is_some() {
-            eprintln!("--- {}:\n{}", self.log.display(), self.log());
-        }
-    }
+    Announce::start(&args)
 }
 
 /// A service instance: the service, and the announce that registers it.
@@ -375,9 +251,9 @@ struct Instance {
 }
 
 impl Instance {
-    fn start(dir: &std::path::Path, id: &str, endpoints: &[String], f: Features) -> Instance {
+    fn start(id: &str, endpoints: &[String], f: Features) -> Instance {
         let service = Service::start(id, SERVICE_DELAY);
-        let announce = Announce::start(dir, id, service.port, endpoints, f);
+        let announce = announce(id, service.port, endpoints, f);
         Instance {
             id: id.to_owned(),
             announce,
@@ -422,7 +298,7 @@ fn fleet_wait_raw(node: &Node, scratch: &std::path::Path) -> (Option<i32>, Strin
     let err_path = scratch.join("fleet.err");
     let mut child = Command::new(haconfd_bin())
         .args(["fleet", "--wait", "--timeout", "20s", "--config"])
-        .arg(&node.config)
+        .arg(&node.ws.config)
         .env_remove("HACONFD_CONFIG")
         .env_remove("HACONFD_LOG")
         .stdin(Stdio::null())
@@ -495,8 +371,8 @@ fn a_fleet_in_a_box_drops_no_request() {
     eprintln!("[fleet] etcd cluster up in {:?}", started.elapsed());
 
     // The first version of `web`, registered before the nodes start.
-    let mut v1a = Instance::start(scratch.path(), "v1a", &endpoints, f);
-    let mut v1b = Instance::start(scratch.path(), "v1b", &endpoints, f);
+    let mut v1a = Instance::start("v1a", &endpoints, f);
+    let mut v1b = Instance::start("v1b", &endpoints, f);
     wait_for(SETTLE, "v1a and v1b in etcd", || {
         (cluster.get_prefix("/services/web/").len() == 2).then_some(())
     });
@@ -520,8 +396,8 @@ fn a_fleet_in_a_box_drops_no_request() {
     let phase = Instant::now();
     let traffic = load(&elb, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
-    let v2a = Instance::start(scratch.path(), "v2a", &endpoints, f);
-    let v2b = Instance::start(scratch.path(), "v2b", &endpoints, f);
+    let v2a = Instance::start("v2a", &endpoints, f);
+    let v2b = Instance::start("v2b", &endpoints, f);
     let took = wait_served(&nodes, &[&v2a, &v2b], SETTLE);
     eprintln!("[fleet] phase 1: v2a and v2b served by both nodes {took:?} after their start");
     for old in [&mut v1a, &mut v1b] {
@@ -571,7 +447,7 @@ fn a_fleet_in_a_box_drops_no_request() {
     std::thread::sleep(Duration::from_millis(500));
     let mut out_times = Vec::new();
     for node in nodes.iter_mut() {
-        let master = master_pid(&node.master_socket()).expect("the node's HAProxy master");
+        let master = master_pid(&node.ws.master_socket()).expect("the node's HAProxy master");
         let t0 = Instant::now();
         let code = node.stop(Duration::from_secs(60));
         let stopped = t0.elapsed();
@@ -588,14 +464,14 @@ fn a_fleet_in_a_box_drops_no_request() {
             || (!pid_alive(master)).then_some(()),
         );
         assert!(
-            std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err(),
+            std::net::TcpStream::connect(("127.0.0.1", node.port())).is_err(),
             "something still listens on {}'s port {} after its haconfd and HAProxy stopped",
             node.name,
-            node.port
+            node.port()
         );
         node.start();
         let name = node.name;
-        let port = node.port;
+        let port = node.port();
         wait_for(SETTLE, &format!("{name} to serve web again"), || {
             http_get(port, "web", "/").ok().filter(|r| r.status == 200)
         });
@@ -654,7 +530,7 @@ fn a_fleet_in_a_box_drops_no_request() {
     let leader = cluster.wait_leader(Duration::from_secs(10));
     let killed_at = Instant::now();
     cluster.kill(leader);
-    let v3 = Instance::start(scratch.path(), "v3", &endpoints, f);
+    let v3 = Instance::start("v3", &endpoints, f);
     let registered = Instant::now() + SETTLE;
     let took = loop {
         if nodes.iter().all(|n| n.serves(v3.port())) {

@@ -9,137 +9,32 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
-use common::{free_port, haconfd_bin, wait_exit, wait_for};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::run::{EtcdDaemon, Run, Setup};
+use common::{free_port, haconfd_bin, stderr, stdout, wait_for};
 use serde_json::Value;
-
-const TEMPLATE: &str = "{% for s in services -%}
-{% for i in s.instances -%}
-server {{ s.name }}/{{ i.id }} {{ i.addr }}
-{% endfor -%}
-{% endfor -%}
-";
 
 /// How long a node may take to publish or converge before a test gives up.
 const SETTLE: Duration = Duration::from_secs(30);
 
 /// A config for a node named `node` against `endpoint`; `fleet_extra` is appended to its
 /// `[fleet]` table.
-fn write_config(dir: &Path, endpoint: &str, node: &str, fleet_extra: &str) -> PathBuf {
-    let src = dir.join("servers.tera");
-    std::fs::write(&src, TEMPLATE).expect("write template");
-    let out = dir.join("out");
-    std::fs::create_dir_all(&out).expect("out dir");
-    let config = dir.join("haconfd.toml");
-    let text = format!(
-        r#"
-[source]
-kind = "etcd"
-prefixes = ["/services/", "/routes/"]
-
-[etcd]
-endpoints = ["{endpoint}"]
-dial_timeout = "1s"
-
-[[template]]
-name = "servers"
-src = "{src}"
-dest = "{dest}"
-check = false
-
-[haproxy]
-mode = "none"
-
-[wait]
-min = "20ms"
-max = "200ms"
-
-[guard]
-max_drop_percent = 100
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[fleet]
-node = "{node}"
-{fleet_extra}
-"#,
-        src = src.display(),
-        dest = out.join("servers.cfg").display(),
-        admin = free_port(),
-    );
-    std::fs::write(&config, text).expect("write config");
-    config
+fn write_config(endpoint: &str, node: &str, fleet_extra: &str) -> Setup {
+    EtcdDaemon::new(endpoint)
+        .wait("20ms", "200ms")
+        .max_drop_percent(100)
+        .extra(&format!("[fleet]\nnode = \"{node}\"\n{fleet_extra}"))
+        .log("info,haconfd::fleet=debug")
+        .write()
 }
 
-/// A running `haconfd run`, ended by its PID on drop.
-struct Node {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Node {
-    fn start(etcd: &Etcd, node: &str) -> Node {
-        let dir = tempfile::Builder::new()
-            .prefix("haconfd-fleet-view-")
-            .tempdir()
-            .expect("tempdir");
-        let config = write_config(dir.path(), &etcd.endpoint(), node, "");
-        let log = std::fs::File::create(dir.path().join("haconfd.log")).expect("log file");
-        let child = Command::new(haconfd_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info,haconfd::fleet=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log clone"))
-            .stderr(log)
-            .spawn()
-            .expect("start haconfd run");
-        Node {
-            child: Some(child),
-            dir,
-            config,
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("haconfd.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code (bounded wait).
-    fn terminate(&mut self) -> Option<i32> {
-        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
-        let mut child = self.child.take().expect("running");
-        let code = wait_exit(&mut child, Duration::from_secs(15));
-        if code.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        code
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // A stopped process must run again to die of SIGKILL's wait-free path cleanly.
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// A running `haconfd run` publishing as `node`.
+fn start_node(etcd: &Etcd, node: &str) -> Run {
+    write_config(&etcd.endpoint(), node, "").spawn()
 }
 
 /// `haconfd fleet --config CONFIG ARGS`, with a bound on how long it may run.
@@ -166,14 +61,6 @@ fn fleet(config: &Path, args: &[&str]) -> Output {
     child.wait_with_output().expect("fleet output")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// `fleet --json`, parsed: the objects by node name.
 fn fleet_json(config: &Path) -> Vec<Value> {
     let out = fleet(config, &["--json"]);
@@ -195,8 +82,8 @@ fn published(etcd: &Etcd, node: &str) -> Option<Value> {
 }
 
 /// A config that only `fleet` reads (the node's name does not matter to it).
-fn reader_config(dir: &Path, etcd: &Etcd) -> PathBuf {
-    write_config(dir, &etcd.endpoint(), "reader", "publish = false")
+fn reader_config(etcd: &Etcd) -> Setup {
+    write_config(&etcd.endpoint(), "reader", "publish = false")
 }
 
 /// Puts a node key by hand, as a node at `revision` would have.
@@ -226,7 +113,7 @@ fn put_ghost_as(etcd: &Etcd, node: &str, revision: i64, haproxy: &str) {
 fn a_node_publishes_after_its_first_apply_and_shows_converged() {
     let etcd = Etcd::start();
     etcd.put("/services/web/a", "127.0.0.1:8081");
-    let node = Node::start(&etcd, "lb-1");
+    let node = start_node(&etcd, "lb-1");
 
     let state = wait_for(SETTLE, "lb-1 publishing an applied revision", || {
         published(&etcd, "lb-1").filter(|s| s["revision"].as_i64() > Some(0))
@@ -272,12 +159,12 @@ fn a_node_publishes_after_its_first_apply_and_shows_converged() {
     });
     assert!((20..=30).contains(&ttl), "lease TTL {ttl}");
 
-    let r = row(&node.config, "lb-1").expect("lb-1 in fleet --json");
+    let r = row(node.config(), "lb-1").expect("lb-1 in fleet --json");
     assert_eq!(r["converged"], true, "{r}");
     assert!(r["revision"].is_i64(), "{r}");
 
     // The table: a header, then one row per node.
-    let out = fleet(&node.config, &[]);
+    let out = fleet(node.config(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
@@ -293,7 +180,7 @@ fn a_node_publishes_after_its_first_apply_and_shows_converged() {
     // A change: the node applies it, publishes the new revision, and the gate opens.
     let rev = etcd.put("/services/web/b", "127.0.0.1:8082");
     let started = Instant::now();
-    let out = fleet(&node.config, &["--wait", "--timeout", "20s"]);
+    let out = fleet(node.config(), &["--wait", "--timeout", "20s"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     eprintln!("change -> fleet --wait returned: {:?}", started.elapsed());
     let state = published(&etcd, "lb-1").expect("still published");
@@ -304,15 +191,15 @@ fn a_node_publishes_after_its_first_apply_and_shows_converged() {
 fn a_node_that_does_not_apply_is_not_converged_until_it_does() {
     let etcd = Etcd::start();
     etcd.put("/services/web/a", "127.0.0.1:8081");
-    let node = Node::start(&etcd, "lb-1");
+    let node = start_node(&etcd, "lb-1");
     wait_for(SETTLE, "lb-1 converged", || {
-        row(&node.config, "lb-1").filter(|r| r["converged"] == true)
+        row(node.config(), "lb-1").filter(|r| r["converged"] == true)
     });
 
     // Frozen, the node keeps its key (the lease outlives the test's wait) but applies nothing.
-    kill(node.pid(), Signal::SIGSTOP).expect("SIGSTOP");
+    node.freeze();
     etcd.put("/services/web/b", "127.0.0.1:8082");
-    let r = row(&node.config, "lb-1").expect("lb-1 still live");
+    let r = row(node.config(), "lb-1").expect("lb-1 still live");
     assert_eq!(r["converged"], false, "{r}");
     assert!(
         r["note"]
@@ -321,9 +208,9 @@ fn a_node_that_does_not_apply_is_not_converged_until_it_does() {
         "{r}"
     );
     let started = Instant::now();
-    let out = fleet(&node.config, &["--wait", "--timeout", "2s"]);
+    let out = fleet(node.config(), &["--wait", "--timeout", "2s"]);
     let took = started.elapsed();
-    kill(node.pid(), Signal::SIGCONT).expect("SIGCONT");
+    node.thaw();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("lb-1") && stderr(&out).contains("not every node converged"),
@@ -333,21 +220,21 @@ fn a_node_that_does_not_apply_is_not_converged_until_it_does() {
     assert!(took < Duration::from_secs(10), "--timeout 2s took {took:?}");
 
     // Running again, it catches up.
-    let out = fleet(&node.config, &["--wait", "--timeout", "20s"]);
+    let out = fleet(node.config(), &["--wait", "--timeout", "20s"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[test]
 fn convergence_counts_puts_and_deletes_but_not_puts_of_the_same_value() {
     let etcd = Etcd::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = reader_config(dir.path(), &etcd);
+    let reader = reader_config(&etcd);
+    let config = reader.config.as_path();
     etcd.put("/services/web/a", "127.0.0.1:8081");
     etcd.put("/routes/web/hosts", "web.example.com");
     let r0 = etcd.revision();
     put_ghost(&etcd, "ghost", r0);
     let ghost = |what: &str| {
-        let r = row(&config, "ghost").expect("ghost is live");
+        let r = row(config, "ghost").expect("ghost is live");
         eprintln!("{what}: {r}");
         r
     };
@@ -371,7 +258,7 @@ fn convergence_counts_puts_and_deletes_but_not_puts_of_the_same_value() {
             .is_some_and(|n| n.contains("/services/web/a")),
         "{r}"
     );
-    let out = fleet(&config, &["--wait", "--timeout", "2s"]);
+    let out = fleet(config, &["--wait", "--timeout", "2s"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("ghost"), "{}", stderr(&out));
 
@@ -414,7 +301,7 @@ fn convergence_counts_puts_and_deletes_but_not_puts_of_the_same_value() {
     // A node that never applied, and one whose state cannot be read.
     put_ghost(&etcd, "fresh", 0);
     etcd.put("/haconfd/nodes/garbled", "not json");
-    let rows = fleet_json(&config);
+    let rows = fleet_json(config);
     let by = |n: &str| rows.iter().find(|r| r["node"] == n).expect(n).clone();
     assert_eq!(by("fresh")["converged"], false);
     assert!(
@@ -435,20 +322,20 @@ fn convergence_counts_puts_and_deletes_but_not_puts_of_the_same_value() {
 #[test]
 fn a_compacted_revision_is_reported_as_such() {
     let etcd = Etcd::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = reader_config(dir.path(), &etcd);
+    let reader = reader_config(&etcd);
+    let config = reader.config.as_path();
     etcd.put("/services/web/a", "127.0.0.1:8081");
     let old = etcd.revision();
     put_ghost(&etcd, "ghost", old);
     etcd.put("/services/web/a", "127.0.0.1:8082");
     etcd.compact(etcd.revision());
-    let r = row(&config, "ghost").expect("ghost is live");
+    let r = row(config, "ghost").expect("ghost is live");
     assert_eq!(r["converged"], false, "{r}");
     assert!(
         r["note"].as_str().is_some_and(|n| n.contains("compacted")),
         "{r}"
     );
-    let out = fleet(&config, &[]);
+    let out = fleet(config, &[]);
     assert!(stdout(&out).contains("compacted"), "{}", stdout(&out));
 }
 
@@ -456,7 +343,7 @@ fn a_compacted_revision_is_reported_as_such() {
 fn the_node_key_goes_when_run_stops() {
     let etcd = Etcd::start();
     etcd.put("/services/web/a", "127.0.0.1:8081");
-    let mut node = Node::start(&etcd, "lb-9");
+    let mut node = start_node(&etcd, "lb-9");
     wait_for(SETTLE, "lb-9 published", || published(&etcd, "lb-9"));
     assert_eq!(node.terminate(), Some(0), "{}", node.log());
     assert!(
@@ -465,23 +352,22 @@ fn the_node_key_goes_when_run_stops() {
         node.log()
     );
     assert!(node.log().contains("fleet view: left"), "{}", node.log());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rows = fleet_json(&reader_config(dir.path(), &etcd));
+    let rows = fleet_json(&reader_config(&etcd).config);
     assert!(rows.is_empty(), "{rows:?}");
 }
 
 #[test]
 fn an_empty_fleet_and_an_unreachable_etcd() {
     let etcd = Etcd::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = reader_config(dir.path(), &etcd);
+    let reader = reader_config(&etcd);
+    let config = reader.config.as_path();
 
     // No live node: the header only, exit 0; --wait waits for one until the timeout.
-    let out = fleet(&config, &[]);
+    let out = fleet(config, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
-    assert_eq!(fleet_json(&config), Vec::<Value>::new());
-    let out = fleet(&config, &["--wait", "--timeout", "1s"]);
+    assert_eq!(fleet_json(config), Vec::<Value>::new());
+    let out = fleet(config, &["--wait", "--timeout", "1s"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("no live node"), "{}", stderr(&out));
 
@@ -491,7 +377,7 @@ fn an_empty_fleet_and_an_unreachable_etcd() {
         let mut args = args;
         args.extend(["--etcd", closed.as_str()]);
         let started = Instant::now();
-        let out = fleet(&config, &args);
+        let out = fleet(config, &args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
         assert!(
             stderr(&out).contains("etcd unreachable") && stderr(&out).contains(&closed),
@@ -506,28 +392,21 @@ fn an_empty_fleet_and_an_unreachable_etcd() {
         &["--timeout", "soon"][..],
         &["--etcd", "127.0.0.1:2379"][..],
     ] {
-        let out = fleet(&config, args);
+        let out = fleet(config, args);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
     }
 }
 
 #[test]
 fn a_fleet_prefix_over_the_watched_prefixes_is_a_config_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
     for (node, extra, key) in [
         ("lb-1", "prefix = \"/services/nodes/\"", "fleet.prefix"),
         ("lb-1", "prefix = \"/\"", "fleet.prefix"),
         ("not a name", "", "fleet.node"),
     ] {
-        let config = write_config(dir.path(), "http://127.0.0.1:9", node, extra);
+        let setup = write_config("http://127.0.0.1:9", node, extra);
         for command in ["run", "fleet"] {
-            let out = Command::new(haconfd_bin())
-                .args([command, "--config"])
-                .arg(&config)
-                .env_remove("HACONFD_CONFIG")
-                .stdin(Stdio::null())
-                .output()
-                .expect("run haconfd");
+            let out = setup.haconfd(&[command]);
             assert_eq!(
                 out.status.code(),
                 Some(64),
@@ -546,22 +425,22 @@ fn a_fleet_prefix_over_the_watched_prefixes_is_a_config_error() {
 #[test]
 fn a_stopping_node_that_lags_does_not_hold_the_gate() {
     let etcd = Etcd::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = reader_config(dir.path(), &etcd);
+    let reader = reader_config(&etcd);
+    let config = reader.config.as_path();
     etcd.put("/services/web/a", "127.0.0.1:8081");
     let r0 = etcd.revision();
     put_ghost(&etcd, "live", r0);
     put_ghost_as(&etcd, "leaving", r0, "stopping");
     etcd.put("/services/web/a", "127.0.0.1:9091");
     // Both lag; only the running one holds --wait.
-    let out = fleet(&config, &["--wait", "--timeout", "2s"]);
+    let out = fleet(config, &["--wait", "--timeout", "2s"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("lagging: live"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("leaving ("), "{}", stderr(&out));
     put_ghost(&etcd, "live", etcd.revision());
-    let out = fleet(&config, &["--wait", "--timeout", "10s"]);
+    let out = fleet(config, &["--wait", "--timeout", "10s"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let leaving = row(&config, "leaving").expect("the stopping node is still listed");
+    let leaving = row(config, "leaving").expect("the stopping node is still listed");
     assert_eq!(leaving["converged"], false);
     assert!(
         leaving["note"]

@@ -28,11 +28,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::haproxy::{
-    Backend, Daemon, Opts, PidGuard, Workspace, cli_command, file_servers, http_get, master_pid,
-    pid_alive, runtime_servers, serves, signal,
+    Backend, Inst, Opts, PidGuard, Workspace, at, cli_command, file_servers, http_get, master_pid,
+    pid_alive, registry, serves, signal,
 };
+use common::lb::Lb;
 use common::wait_for;
-use haconfd::haproxy::master::{ProcInfo, parse_show_proc};
 use nix::sys::signal::Signal;
 
 /// Generous bounds: they only cap a failing test, a passing test never waits them out.
@@ -40,27 +40,6 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 /// `spare_slots` in the workspace config (tests/common/haproxy.rs).
 const SPARE: usize = 2;
-
-/// One registry instance: id and YAML value (an address, or a JSON object in quotes).
-type Inst = (&'static str, String);
-
-/// A registry file with these services, plus raw YAML appended (other prefixes).
-fn registry(services: &[(&str, &[Inst])], extra: &str) -> String {
-    let mut text = String::from("services:\n");
-    for (name, instances) in services {
-        text.push_str(&format!("  {name}:\n"));
-        for (id, value) in *instances {
-            text.push_str(&format!("    {id}: {value}\n"));
-        }
-    }
-    text.push_str(extra);
-    text
-}
-
-/// An instance at a backend, as a plain address.
-fn at(id: &'static str, b: &Backend) -> Inst {
-    (id, format!("\"127.0.0.1:{}\"", b.port))
-}
 
 /// An instance at a backend with a weight and a state.
 fn with(id: &'static str, b: &Backend, weight: u16, state: &str) -> Inst {
@@ -71,140 +50,6 @@ fn with(id: &'static str, b: &Backend, weight: u16, state: &str) -> Inst {
             b.port
         ),
     )
-}
-
-/// A `haconfd run` in supervise mode over a workspace, with the HAProxy masters it started
-/// ended by PID if the test fails before haconfd stopped them.
-struct Lb {
-    // Field order is drop order: haconfd first (it stops HAProxy), then the guards.
-    daemon: Daemon,
-    masters: Vec<PidGuard>,
-    ws: Workspace,
-}
-
-impl Lb {
-    fn start(ws: Workspace, registry_text: &str, opts: Opts) -> Lb {
-        ws.write_registry(registry_text);
-        ws.write_config(&Opts {
-            mode: "supervise",
-            ..opts
-        });
-        let daemon = ws.spawn_run();
-        let mut lb = Lb {
-            daemon,
-            masters: Vec::new(),
-            ws,
-        };
-        let info = wait_for(SETTLE, "HAProxy started by haconfd", || {
-            lb.proc().filter(|p| p.workers > 0)
-        });
-        lb.masters.push(PidGuard(Some(info.master_pid)));
-        wait_for(SETTLE, "the first apply in the log", || {
-            (lb.applied("start") == 1).then_some(())
-        });
-        lb
-    }
-
-    fn port(&self) -> u16 {
-        self.ws.bind_port
-    }
-
-    fn runtime_socket(&self) -> std::path::PathBuf {
-        self.ws.path("run/admin.sock")
-    }
-
-    /// `show proc` on the master socket, parsed.
-    fn proc(&self) -> Option<ProcInfo> {
-        parse_show_proc(&cli_command(&self.ws.master_socket(), "show proc")?)
-    }
-
-    /// The worker PIDs `show proc` lists, newest first.
-    fn workers(&self) -> Vec<u32> {
-        let Some(text) = cli_command(&self.ws.master_socket(), "show proc") else {
-            return Vec::new();
-        };
-        let mut in_workers = false;
-        let mut pids = Vec::new();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                in_workers = line.contains("workers");
-                continue;
-            }
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if in_workers && f.get(1) == Some(&"worker") {
-                pids.extend(f.first().and_then(|p| p.parse::<u32>().ok()));
-            }
-        }
-        pids
-    }
-
-    fn log(&self) -> String {
-        self.daemon.log_text()
-    }
-
-    /// How many applies of this kind the log reports (`apply.kind="reload"`, …).
-    fn applied(&self, kind: &str) -> usize {
-        let needle = format!("apply.kind=\"{kind}\"");
-        self.log()
-            .lines()
-            .filter(|l| l.contains(" applied ") && l.contains(&needle))
-            .count()
-    }
-
-    /// How many applies failed.
-    fn failed_applies(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("apply failed"))
-            .count()
-    }
-
-    /// Waits until the log reports `n` applies of `kind`, and panics if another kind of apply
-    /// shows up first (a reload where none was wanted, say).
-    fn wait_applied(&self, kind: &str, n: usize) {
-        wait_for(SETTLE, &format!("apply #{n} of kind {kind:?}"), || {
-            (self.applied(kind) >= n).then_some(())
-        });
-    }
-
-    /// Waits until a request with `Host: host` is answered by the backend named `body`.
-    fn reach(&self, host: &str, body: &str) {
-        wait_for(SETTLE, &format!("Host {host} to reach {body}"), || {
-            http_get(self.port(), host, "/")
-                .ok()
-                .filter(|r| r.status == 200 && r.body == body)
-        });
-    }
-
-    /// Sends `n` requests with `Host: host` and returns the bodies; every one must be a 200.
-    fn bodies(&self, host: &str, n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| {
-                let r = http_get(self.port(), host, "/")
-                    .unwrap_or_else(|e| panic!("request {i} to {host} failed: {e}"));
-                assert_eq!(r.status, 200, "request {i} to {host}: {r:?}");
-                r.body
-            })
-            .collect()
-    }
-
-    fn dest(&self) -> String {
-        self.ws.dest_text().expect("dest is installed")
-    }
-
-    /// Disk and the running HAProxy agree on every server line of `backend`: address, port,
-    /// weight, and maintenance (`disabled`).
-    fn assert_agree(&self, backend: &str) {
-        let disk = file_servers(&self.dest(), backend);
-        assert!(!disk.is_empty(), "no server lines for {backend}");
-        let live = runtime_servers(&self.runtime_socket(), backend);
-        assert_eq!(
-            live,
-            disk,
-            "the running HAProxy and the file disagree on {backend}\n{}",
-            self.dest()
-        );
-    }
 }
 
 /// Processes in state Z whose parent is `ppid`.
@@ -255,12 +100,7 @@ fn supervise() -> Opts {
 fn a_structural_change_is_one_confirmed_reload_and_the_new_worker_serves_it() {
     let a = Backend::start("backend-A");
     let b = Backend::start("backend-B");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let mut lb = Lb::serving_web(&a, supervise());
     let before = lb.proc().expect("show proc");
     assert_eq!(before.failed, 0);
     let old_workers = lb.workers();
@@ -375,15 +215,8 @@ fn a_reload_that_cannot_bind_restores_the_file_and_the_old_worker_keeps_serving(
 
 #[test]
 fn server_only_changes_use_the_runtime_api_and_never_reload() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut lb = Lb::serving_web(&a, supervise());
     let before = lb.proc().expect("show proc");
     lb.assert_agree("be_web");
     let mut runtime = 0;
@@ -438,15 +271,8 @@ fn server_only_changes_use_the_runtime_api_and_never_reload() {
 
 #[test]
 fn a_killed_master_is_restarted_and_sigterm_leaves_no_process_behind() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut lb = Lb::serving_web(&a, supervise());
     let haconfd = lb.daemon.pid();
     // A reload (which saves the server state), then a runtime move of web's instance: the
     // state file now holds a port that no longer holds.
@@ -583,18 +409,13 @@ fn exhausting_the_spare_slots_is_one_reload_that_regrows_them() {
 #[test]
 fn a_restart_while_the_source_is_unreadable_serves_the_installed_config() {
     let a = Backend::start("backend-A");
-    let mut lb = Lb::start(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])], ""),
-        supervise(),
-    );
-    lb.reach("web", "backend-A");
+    let mut lb = Lb::serving_web(&a, supervise());
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
     let installed = lb.dest();
 
     // The source is gone (an etcd outage looks the same from here): the node restarts anyway.
     std::fs::remove_file(&lb.ws.registry).expect("remove the registry");
-    lb.daemon = lb.ws.spawn_run();
+    lb.respawn();
     let info = wait_for(SETTLE, "HAProxy started on the installed config", || {
         lb.proc().filter(|p| p.workers > 0)
     });

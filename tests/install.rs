@@ -31,12 +31,7 @@ fn stamp(p: &Path) -> (u64, i64, i64, i64, i64) {
 /// `haconfd render` (one shot) in `ws`, which must succeed.
 fn render_ok(ws: &Workspace) {
     let out = ws.haconfd(&["render"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_exit(&out, 0);
 }
 
 fn template_config(dest: &Path, mode: u32) -> TemplateConfig {
@@ -67,15 +62,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 const VALID: &str = "defaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\nbackend b\n    server s1 127.0.0.1:8080\n";
 const INVALID: &str = "defaults\n    mode http\nbackend b\n    frobnicate-the-widgets on\n";
 
@@ -100,7 +86,7 @@ fn failed_check_leaves_dest_byte_identical_and_no_staged_files() {
     assert_eq!(std::fs::read_to_string(&dest).expect("read"), VALID);
     assert_eq!(stamp(&dest), before, "dest was touched");
     assert_eq!(
-        names(dir.path()),
+        common::dir_names(dir.path()),
         ["haproxy.cfg"],
         "staged files left behind"
     );
@@ -163,25 +149,21 @@ fn install_of_equal_bytes_is_unchanged() {
     let dest = dir.path().join("haproxy.cfg");
     let t = template_config(&dest, 0o644);
     let rt = runtime();
-    let first = rt
-        .block_on(install::install(
+    let install_valid = || {
+        rt.block_on(install::install(
             &t,
             VALID.as_bytes(),
             Some(&haproxy_check()),
         ))
-        .expect("install");
+        .expect("install")
+    };
+    let first = install_valid();
     assert_eq!(first, Outcome::Installed { previous: None });
     let before = stamp(&dest);
-    let again = rt
-        .block_on(install::install(
-            &t,
-            VALID.as_bytes(),
-            Some(&haproxy_check()),
-        ))
-        .expect("install");
+    let again = install_valid();
     assert_eq!(again, Outcome::Unchanged);
     assert_eq!(stamp(&dest), before);
-    assert_eq!(names(dir.path()), ["haproxy.cfg"]);
+    assert_eq!(common::dir_names(dir.path()), ["haproxy.cfg"]);
 }
 
 #[test]
@@ -195,22 +177,19 @@ fn the_configured_mode_is_applied() {
         };
         ws.write_config(&opts);
         render_ok(&ws);
-        let perm = std::fs::metadata(&ws.dest)
-            .expect("stat")
-            .permissions()
-            .mode()
-            & 0o7777;
+        let perm = mode_of(&ws.dest);
         assert_eq!(perm, want, "mode {mode}");
         // A later change keeps the mode.
         ws.write_registry(REGISTRY_V2);
         render_ok(&ws);
-        let perm = std::fs::metadata(&ws.dest)
-            .expect("stat")
-            .permissions()
-            .mode()
-            & 0o7777;
+        let perm = mode_of(&ws.dest);
         assert_eq!(perm, want, "mode {mode} after a change");
     }
+}
+
+/// The permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
 }
 
 #[test]
@@ -251,7 +230,10 @@ fn restore_puts_the_previous_file_back() {
     assert_eq!(std::fs::read_to_string(&dest).expect("dest"), VALID);
     let perm = std::fs::metadata(&dest).expect("stat").permissions().mode() & 0o7777;
     assert_eq!(perm, 0o640);
-    assert_eq!(names(dir.path()), ["haproxy.cfg", "haproxy.cfg.prev"]);
+    assert_eq!(
+        common::dir_names(dir.path()),
+        ["haproxy.cfg", "haproxy.cfg.prev"]
+    );
     // Restoring "no previous file" removes the dest.
     install::restore(&t, None).expect("restore none");
     assert!(!dest.exists());
@@ -273,11 +255,7 @@ fn a_new_mode_is_applied_to_unchanged_bytes() {
         ..Opts::default()
     });
     render_ok(&ws);
-    let perm = std::fs::metadata(&ws.dest)
-        .expect("stat")
-        .permissions()
-        .mode()
-        & 0o7777;
+    let perm = mode_of(&ws.dest);
     assert_eq!(perm, 0o640);
     assert_eq!(
         stamp(&ws.dest).0,
@@ -290,11 +268,9 @@ fn a_new_mode_is_applied_to_unchanged_bytes() {
 /// an unprivileged user. A probe script tries to write into a directory only root may write:
 /// as root it can (the positive control), as `nobody` it cannot, and both checks pass.
 #[test]
+#[ignore = "needs root"]
 fn check_user_runs_haproxy_c_without_privilege() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to switch users");
-        return;
-    }
+    common::needs_root("switching users for `haproxy -c`");
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -339,12 +315,7 @@ fn check_user_runs_haproxy_c_without_privilege() {
 
     let path = config("");
     let out = common::haconfd(&["check", "--config", path.to_str().expect("utf-8")]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_exit(&out, 0);
     assert!(
         marker.exists(),
         "positive control: as root the probe writes its marker"
@@ -353,24 +324,14 @@ fn check_user_runs_haproxy_c_without_privilege() {
 
     let path = config("nobody");
     let out = common::haconfd(&["check", "--config", path.to_str().expect("utf-8")]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_exit(&out, 0);
     assert!(
         !marker.exists(),
         "as nobody the probe cannot write into a root-only directory"
     );
     // The one-shot install path drops privileges the same way, and hands the file back.
     let out = common::haconfd(&["render", "--config", path.to_str().expect("utf-8")]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_exit(&out, 0);
     assert!(!marker.exists(), "the install's check ran as nobody too");
     let installed = std::fs::metadata(root.join("out/haproxy.cfg")).expect("installed");
     assert_eq!(

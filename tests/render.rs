@@ -198,11 +198,21 @@ fn fixtures_and_snapshots_pair_up() {
     );
 }
 
+/// The registry fixtures, `tests/fixtures/*.yaml`, sorted.
+fn fixtures() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(common::repo().join("tests/fixtures"))
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    paths.sort();
+    paths
+}
+
 /// The fixtures hold loopback addresses only: HAProxy health-checks whatever it renders.
 #[test]
 fn fixtures_hold_loopback_addresses_only() {
-    for entry in std::fs::read_dir(common::repo().join("tests/fixtures")).expect("read dir") {
-        let path = entry.expect("entry").path();
+    for path in fixtures() {
         let config = config();
         let update = Update::screen(1, &config.source.prefixes, file::read(&path).expect("read"));
         let (registry, _) = Registry::parse(&update.snapshot);
@@ -220,6 +230,42 @@ fn fixtures_hold_loopback_addresses_only() {
                 );
             }
         }
+    }
+}
+
+/// The default template passes its own structural check when it is rendered: over every
+/// fixture, the render has no guarded directive (`global`, `stats socket`, `lua-load`, …) more
+/// often than the template's own text, has exactly the template's `global` and `stats socket`,
+/// and passes `haproxy -c`.
+#[test]
+fn default_template_passes_its_own_check() {
+    use haconfd::render::structure;
+    let source = std::fs::read_to_string(common::repo().join("templates/haproxy.cfg.tera"))
+        .expect("read the default template");
+    let allowed = structure::count(&source);
+    assert_eq!(
+        (allowed.get("global"), allowed.get("stats socket")),
+        (Some(&1), Some(&1)),
+        "the template's own guarded directives: {allowed:?}"
+    );
+    let fixtures = fixtures();
+    assert!(fixtures.len() >= 8, "{fixtures:?}");
+    for path in fixtures {
+        let name = path
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .into_owned();
+        let rendered = render_file(&path);
+        if let Err(v) = structure::check(&allowed, &rendered) {
+            panic!("{name}: the render fails the template's own check: {v:?}\n{rendered}");
+        }
+        assert_eq!(
+            structure::count(&rendered),
+            allowed,
+            "{name}: the render's guarded directives are not the template's own"
+        );
+        haproxy_check(&name, &rendered);
     }
 }
 

@@ -17,11 +17,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::admin::Admin;
 use common::etcd::Etcd;
 use common::haproxy::{
-    Daemon, META_TEMPLATE, Opts, Workspace, http_get, instances, serves, signal,
+    Daemon, META_TEMPLATE, Opts, Workspace, etcd_table, instances, serves, signal,
 };
-use common::{free_port, wait_for};
+use common::wait_for;
 use nix::sys::signal::Signal;
 
 /// How long a change may take to reach dest (or a log line to appear) before a test gives up.
@@ -31,83 +32,27 @@ const SETTLE: Duration = Duration::from_secs(60);
 // Shared pieces
 // ---------------------------------------------------------------------------------------------
 
-/// A config for the etcd source over the workspace's template, `haproxy -c` on, HAProxy not
-/// driven, the guard at 50 %, the admin endpoint on `admin`.
-fn etcd_config(ws: &Workspace, endpoint: &str, admin: u16, confirm_after: &str) -> String {
-    let run = ws.path("run");
-    format!(
-        r#"[source]
-kind = "etcd"
-prefixes = ["/services/", "/routes/"]
-
-[etcd]
-endpoints = ["{endpoint}"]
-dial_timeout = "2s"
-
-[[template]]
-name = "haproxy"
-src = "{template}"
-dest = "{dest}"
-check = true
-
-[haproxy]
-mode = "none"
-master_socket = "{run}/master.sock"
-runtime_socket = "{run}/admin.sock"
-state_file = "{run}/server-state"
-spare_slots = 2
-
-[wait]
-min = "50ms"
-max = "500ms"
-
-[frontend]
-bind = ["127.0.0.1:{port}"]
-
-[guard]
-max_drop_percent = 50
-confirm_after = "{confirm_after}"
-
-[admin]
-listen = "127.0.0.1:{admin}"
-"#,
-        template = ws.template.display(),
-        dest = ws.dest.display(),
-        run = run.display(),
-        port = ws.bind_port,
-    )
+/// The etcd source at `endpoint` over the workspace's template, `haproxy -c` on, HAProxy not
+/// driven, the guard at 50 %.
+fn etcd_opts(endpoint: &str, confirm_after: &str) -> Opts {
+    Opts {
+        etcd: Some(format!(
+            "{}dial_timeout = \"2s\"\n",
+            etcd_table(&[endpoint.to_owned()])
+        )),
+        extra: format!("\n[guard]\nmax_drop_percent = 50\nconfirm_after = \"{confirm_after}\"\n"),
+        ..Opts::default()
+    }
 }
 
-/// The port of `[admin] listen` in the workspace's config file.
-fn admin_port(ws: &Workspace) -> u16 {
-    let text = std::fs::read_to_string(&ws.config).expect("read config");
-    text.lines()
-        .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))
-        .and_then(|rest| rest.trim_end_matches('"').parse().ok())
-        .expect("an [admin] listen line")
-}
-
-/// The value of an unlabelled metric from GET /metrics, if the endpoint answers.
-fn metric(admin: u16, name: &str) -> Option<f64> {
-    let r = http_get(admin, "127.0.0.1", "/metrics").ok()?;
-    r.body.lines().find_map(|l| {
-        let (n, v) = l.split_once(' ')?;
-        (n == name).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
-/// Waits until a metric reads `want`.
-fn wait_metric(admin: u16, name: &str, want: f64) {
-    wait_for(SETTLE, &format!("{name} = {want}"), || {
-        (metric(admin, name) == Some(want)).then_some(())
-    });
+/// The admin endpoint the workspace's config names.
+fn admin_of(ws: &Workspace) -> Admin {
+    ws.admin().expect("an [admin] listen line")
 }
 
 /// Waits until the daemon's log contains `needle`; returns the log.
 fn wait_log(daemon: &Daemon, needle: &str) -> String {
-    wait_for(SETTLE, &format!("{needle:?} in the log"), || {
-        Some(daemon.log_text()).filter(|l| l.contains(needle))
-    })
+    daemon.log_with(needle, SETTLE)
 }
 
 /// Waits until dest satisfies `f`; returns its text.
@@ -481,9 +426,8 @@ fn injection_through_etcd_never_reaches_the_config() {
         etcd.put_bytes(&h.key, &h.value);
     }
     etcd.put_many(&good_pairs(0));
-    let admin = free_port();
-    std::fs::write(&ws.config, etcd_config(&ws, &etcd.endpoint(), admin, "10m"))
-        .expect("write config");
+    ws.write_config(&etcd_opts(&etcd.endpoint(), "10m"));
+    let admin = admin_of(&ws);
     let daemon = ws.spawn_run();
     wait_dest(&ws, "the first render", |t| good_rendered(t, 0));
 
@@ -493,8 +437,10 @@ fn injection_through_etcd_never_reaches_the_config() {
     // A good change after the whole corpus is in: its apply renders with every hostile key.
     etcd.put_many(&good_pairs(1));
     let text = wait_dest(&ws, "the good change", |t| good_rendered(t, 1));
-    wait_metric(admin, "haconfd_rejected_keys", corpus.len() as f64);
-    let checks = metric(admin, "haconfd_validate_seconds_count").expect("validate metric");
+    admin.wait_metric("haconfd_rejected_keys", corpus.len() as f64, SETTLE);
+    let checks = admin
+        .metric("haconfd_validate_seconds_count")
+        .expect("validate metric");
     assert!(checks >= 2.0, "haproxy -c ran {checks} times");
     assert_dest_clean(&text, &dir);
     let log = daemon.log_text();
@@ -577,13 +523,13 @@ fn injection_through_the_file_source_never_reaches_the_config() {
         extra: "\n[guard]\nmax_drop_percent = 50\n".into(),
         ..Opts::default()
     });
-    let admin = admin_port(&ws);
+    let admin = admin_of(&ws);
     ws.write_registry(registry_json(&pairs(0)));
     let daemon = ws.spawn_run();
     wait_dest(&ws, "the first render", |t| good_rendered(t, 0));
     ws.write_registry(registry_json(&pairs(1)));
     let text = wait_dest(&ws, "the good change", |t| good_rendered(t, 1));
-    wait_metric(admin, "haconfd_rejected_keys", corpus.len() as f64);
+    admin.wait_metric("haconfd_rejected_keys", corpus.len() as f64, SETTLE);
     assert_dest_clean(&text, &dir);
     let log = daemon.log_text();
     assert_log_clean(&log);
@@ -652,7 +598,7 @@ fn a_template_that_turns_data_into_lines_cannot_add_guarded_directives() {
         prefixes: &["/services/", "/routes/", "/conf/"],
         ..Opts::default()
     });
-    let admin = admin_port(&ws);
+    let admin = admin_of(&ws);
     ws.write_registry(conf_registry(
         9000,
         "option forwardfor,option http-server-close",
@@ -736,7 +682,9 @@ fn a_template_that_turns_data_into_lines_cannot_add_guarded_directives() {
             "case {i}: the canary script ran"
         );
     }
-    let failures = metric(admin, "haconfd_render_failures_total").expect("render failures");
+    let failures = admin
+        .metric("haconfd_render_failures_total")
+        .expect("render failures");
     assert!(failures >= cases.len() as f64, "{failures}");
 
     // A decoded JSON string with a line break is refused by the json filter itself.
@@ -771,14 +719,10 @@ fn a_template_that_turns_data_into_lines_cannot_add_guarded_directives() {
 // ---------------------------------------------------------------------------------------------
 
 /// A workspace with the default template and a daemon over `etcd`.
-fn start_over_etcd(etcd: &Etcd, confirm_after: &str) -> (Workspace, Daemon, u16) {
+fn start_over_etcd(etcd: &Etcd, confirm_after: &str) -> (Workspace, Daemon, Admin) {
     let ws = Workspace::new("yaml");
-    let admin = free_port();
-    std::fs::write(
-        &ws.config,
-        etcd_config(&ws, &etcd.endpoint(), admin, confirm_after),
-    )
-    .expect("write config");
+    ws.write_config(&etcd_opts(&etcd.endpoint(), confirm_after));
+    let admin = admin_of(&ws);
     let daemon = ws.spawn_run();
     (ws, daemon, admin)
 }
@@ -832,7 +776,7 @@ fn the_guard_holds_a_collapse_of_real_leases_until_confirmed() {
         "{}",
         daemon.log_text()
     );
-    wait_metric(admin, "haconfd_guard_held_services", 0.0);
+    admin.wait_metric("haconfd_guard_held_services", 0.0, SETTLE);
 
     // Two of web's three expire at once: held, while api keeps changing.
     keeper.release(l_w23);
@@ -851,23 +795,29 @@ fn the_guard_holds_a_collapse_of_real_leases_until_confirmed() {
         ["a1", "a2", "a3", "w1", "w2", "w3"],
         "web is held"
     );
-    wait_metric(admin, "haconfd_guard_held_services", 1.0);
-    assert!(metric(admin, "haconfd_guard_holds_total").is_some_and(|n| n >= 1.0));
+    admin.wait_metric("haconfd_guard_held_services", 1.0, SETTLE);
+    assert!(
+        admin
+            .metric("haconfd_guard_holds_total")
+            .is_some_and(|n| n >= 1.0)
+    );
 
     // The operator confirms: the shrink applies.
     signal(daemon.pid(), Signal::SIGUSR1);
     let text = wait_dest(&ws, "the confirmed shrink", |t| !t.contains("# w2"));
     assert_eq!(ids(&text), ["a1", "a2", "a3", "w1"]);
-    wait_metric(admin, "haconfd_guard_held_services", 0.0);
+    admin.wait_metric("haconfd_guard_held_services", 0.0, SETTLE);
 
     // Every lease expires: the registry goes empty and is held whole.
-    let holds = metric(admin, "haconfd_guard_holds_total").expect("holds");
+    let holds = admin.metric("haconfd_guard_holds_total").expect("holds");
     keeper.release(l_w1);
     keeper.release(l_api);
     wait_keys(&etcd, &[]);
     wait_log(&daemon, "guard: the registry is empty");
     wait_for(SETTLE, "another hold counted", || {
-        metric(admin, "haconfd_guard_holds_total").filter(|n| *n > holds)
+        admin
+            .metric("haconfd_guard_holds_total")
+            .filter(|n| *n > holds)
     });
     assert_eq!(
         ids(&ws.dest_text().expect("dest")),
@@ -911,7 +861,7 @@ fn a_held_shrink_applies_by_itself_after_confirm_after() {
     let held_at = log.find("guard: service would lose").expect("hold logged");
     let released_at = log.find("held shrink persisted").expect("release logged");
     assert!(held_at < released_at, "{log}");
-    wait_metric(admin, "haconfd_guard_held_services", 0.0);
+    admin.wait_metric("haconfd_guard_held_services", 0.0, SETTLE);
     drop(keeper);
 }
 
@@ -930,9 +880,8 @@ fn a_value_that_fails_haproxy_c_through_etcd_holds_back_only_its_key() {
     etcd.put("/services/web/w1", "127.0.0.1:8001");
     let mut ws = Workspace::new("yaml");
     ws.set_template(META_TEMPLATE);
-    let admin = free_port();
-    std::fs::write(&ws.config, etcd_config(&ws, &etcd.endpoint(), admin, "10m"))
-        .expect("write config");
+    ws.write_config(&etcd_opts(&etcd.endpoint(), "10m"));
+    let admin = admin_of(&ws);
     let mut daemon = ws.spawn_run();
     wait_dest(&ws, "the first render", |t| {
         serves(t, "w1", "127.0.0.1:8001")
@@ -946,7 +895,7 @@ fn a_value_that_fails_haproxy_c_through_etcd_holds_back_only_its_key() {
     assert!(text.contains("127.0.0.1:9001 check  # a1"), "{text}");
     let log = wait_log(&daemon, r#"held_back=["/services/api/a1"]"#);
     assert!(log.contains("applying without their changes"), "{log}");
-    wait_metric(admin, "haconfd_held_back_keys", 1.0);
+    admin.wait_metric("haconfd_held_back_keys", 1.0, SETTLE);
     assert_eq!(ws.dest_text().as_deref(), Some(text.as_str()));
 
     // Fixed, it applies and nothing is held back.
@@ -954,7 +903,7 @@ fn a_value_that_fails_haproxy_c_through_etcd_holds_back_only_its_key() {
     wait_dest(&ws, "api's fixed value", |t| {
         t.contains("127.0.0.1:9001 backup  # a1")
     });
-    wait_metric(admin, "haconfd_held_back_keys", 0.0);
+    admin.wait_metric("haconfd_held_back_keys", 0.0, SETTLE);
     assert_eq!(daemon.terminate(Duration::from_secs(15)), Some(0));
 }
 
@@ -972,7 +921,9 @@ fn a_restart_over_a_wiped_etcd_keeps_the_installed_config() {
     let daemon = ws.spawn_run();
     wait_log(&daemon, "guard: the registry is empty");
     wait_for(SETTLE, "the hold counted", || {
-        metric(admin, "haconfd_guard_holds_total").filter(|n| *n >= 1.0)
+        admin
+            .metric("haconfd_guard_holds_total")
+            .filter(|n| *n >= 1.0)
     });
     assert_eq!(ws.dest_text().as_deref(), Some(before.as_str()));
     // Confirmed, the empty registry applies.

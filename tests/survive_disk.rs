@@ -6,9 +6,10 @@
 //! relies on: the error names the path and says why, `dest` and `dest.prev` stay byte for byte,
 //! no staged file stays behind, `/readyz` and `/metrics` say why, and once the disk is usable
 //! again the pending state lands with no new change, the retries stop, and a new change applies
-//! at once. Mounting needs root (as in CI's container); where it is refused, the case says why
-//! and returns. A rename that fails, and a restore that fails, are driven through the library
-//! without a mount: `dest` is a directory, which nothing may be renamed over.
+//! at once. Mounting needs root: those cases are `#[ignore = "needs root"]` (the root-only policy
+//! of tests/common/mod.rs: CI runs them as root), and a mount that is refused fails them. A
+//! rename that fails, and a restore that fails, are driven through the library without a mount:
+//! `dest` is a directory, which nothing may be renamed over.
 
 mod common;
 
@@ -17,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::haproxy::{Daemon, Opts, Workspace, http_get, serves};
+use common::admin::Admin;
+use common::haproxy::{Daemon, Opts, Workspace, serves};
 use common::wait_for;
 use haconfd::config::TemplateConfig;
 use haconfd::haproxy::install;
@@ -39,29 +41,23 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// Mounts a 256 KiB tmpfs at `dir` (created), or says why it cannot and returns None.
-    fn mount(dir: &Path) -> Option<Tmpfs> {
+    /// Mounts a 256 KiB tmpfs at `dir` (created), which must succeed.
+    fn mount(dir: &Path) -> Tmpfs {
         std::fs::create_dir_all(dir).expect("create the mount point");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
             .arg(dir)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs {
-                dir: dir.to_owned(),
-            }),
-            Ok(o) => {
-                eprintln!(
-                    "skipping: cannot mount a tmpfs here ({}): {}",
-                    o.status,
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("skipping: cannot run mount: {e}");
-                None
-            }
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} ({}): {}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs {
+            dir: dir.to_owned(),
         }
     }
 
@@ -143,17 +139,18 @@ struct Case {
     ws: Workspace,
     disk: Tmpfs,
     daemon: Daemon,
-    admin: u16,
+    admin: Admin,
     /// Armed: the check wrapper remounts dest's directory read-only after its next check.
     arm: PathBuf,
 }
 
 impl Case {
     /// Starts a daemon over a tmpfs at dest's directory and lets it apply twice (so that
-    /// `.prev` exists); None when this environment cannot mount.
-    fn start(wrap_check: bool) -> Option<Case> {
+    /// `.prev` exists). Needs root, to mount.
+    fn start(wrap_check: bool) -> Case {
+        common::needs_root("mounting a tmpfs under dest");
         let ws = Workspace::new("yaml");
-        let disk = Tmpfs::mount(&ws.path("out"))?;
+        let disk = Tmpfs::mount(&ws.path("out"));
         let mut text = ws.config_text(&Opts {
             extra: format!("stale_after = \"{STALE_AFTER}\"\n"),
             ..Opts::default()
@@ -182,7 +179,7 @@ impl Case {
             );
         }
         std::fs::write(&ws.config, text).expect("write the config");
-        let admin = ws.admin_port().expect("the admin port in the config");
+        let admin = ws.admin().expect("the admin port in the config");
         ws.write_registry(registry(&["w1"]));
         let daemon = ws.spawn_run();
         let case = Case {
@@ -198,7 +195,7 @@ impl Case {
         wait_for(SETTLE, "/readyz to say ready", || {
             case.get("/readyz").filter(|(s, _)| *s == 200)
         });
-        Some(case)
+        case
     }
 
     fn prev(&self) -> PathBuf {
@@ -213,9 +210,7 @@ impl Case {
 
     /// Status and body of `GET path` on the admin endpoint.
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.admin, "localhost", path)
-            .ok()
-            .map(|r| (r.status, r.body))
+        self.admin.get(path)
     }
 
     fn wait_serving(&self, id: &str, within: Duration, what: &str) {
@@ -234,9 +229,7 @@ impl Case {
 /// The whole story of one fault: break the disk, change the registry, check every promise,
 /// heal the disk, and check that the pending state lands by itself.
 fn survive(fault: Fault) {
-    let Some(case) = Case::start(matches!(fault, Fault::ReadOnlyAfterCheck)) else {
-        return;
-    };
+    let case = Case::start(matches!(fault, Fault::ReadOnlyAfterCheck));
     let dest = case.ws.dest.display().to_string();
     let (dest_before, prev_before) = (case.read(&case.ws.dest), case.read(&case.prev()));
     let filler = match fault {
@@ -376,16 +369,19 @@ fn survive(fault: Fault) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_full_disk_at_staging_keeps_the_files_and_retries_until_it_has_room() {
     survive(Fault::Full);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_read_only_disk_keeps_the_files_and_retries_until_it_is_writable() {
     survive(Fault::ReadOnly);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_disk_that_turns_read_only_after_the_check_leaves_no_staged_file_behind() {
     survive(Fault::ReadOnlyAfterCheck);
 }
@@ -401,16 +397,6 @@ fn template_config(dest: &Path) -> TemplateConfig {
         check: false,
         map: false,
     }
-}
-
-/// The names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// A `dest` whose rename fails (here: it is a directory), with a `.prev` beside it.
@@ -455,7 +441,10 @@ fn a_rename_that_fails_leaves_the_previous_copy_and_nothing_staged() {
         b"the previous copy\n",
         ".prev changed although dest did not"
     );
-    assert_eq!(names(dir.path()), ["haproxy.cfg", "haproxy.cfg.prev"]);
+    assert_eq!(
+        common::dir_names(dir.path()),
+        ["haproxy.cfg", "haproxy.cfg.prev"]
+    );
 }
 
 #[test]
@@ -468,5 +457,8 @@ fn a_restore_that_fails_leaves_nothing_staged() {
             .contains(&format!("cannot restore {}", dest.display())),
         "{e}"
     );
-    assert_eq!(names(dir.path()), ["haproxy.cfg", "haproxy.cfg.prev"]);
+    assert_eq!(
+        common::dir_names(dir.path()),
+        ["haproxy.cfg", "haproxy.cfg.prev"]
+    );
 }

@@ -8,7 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::haproxy::{Daemon, Opts, Workspace, http_get, master_pid, serves, signal};
+use common::admin::Admin;
+use common::haproxy::{Daemon, Opts, Workspace, master_pid, serves, signal};
 use common::wait_for;
 use nix::sys::signal::Signal;
 
@@ -33,7 +34,7 @@ fn registry(ids: &[&str]) -> String {
 struct Case {
     ws: Workspace,
     daemon: Daemon,
-    admin: u16,
+    admin: Admin,
     opts: Opts,
 }
 
@@ -47,7 +48,7 @@ impl Case {
             ..Opts::default()
         };
         ws.write_config(&opts);
-        let admin = ws.admin_port().expect("admin port");
+        let admin = ws.admin().expect("admin port");
         let daemon = ws.spawn_run();
         let case = Case {
             ws,
@@ -63,16 +64,12 @@ impl Case {
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.admin, "localhost", path)
-            .ok()
-            .map(|r| (r.status, r.body))
+        self.admin.get(path)
     }
 
     /// The value of a metric without labels.
     fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = self.get("/metrics")?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        self.admin.metric(name)
     }
 
     fn count(&self, needle: &str) -> usize {

@@ -16,7 +16,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +23,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::haproxy::{
-    Backend, Daemon, Opts, PidGuard, Workspace, cli_command, file_servers, http_get, master_pid,
-    pid_alive, runtime_servers, signal,
+    Backend, Inst, Opts, PidGuard, Workspace, at, cli_command, http_get, master_pid, pid_alive,
+    signal,
 };
+use common::lb::Lb;
 use common::wait_for;
-use haconfd::haproxy::master::{ProcInfo, parse_show_proc};
+use haconfd::haproxy::master::parse_show_proc;
 use nix::sys::signal::Signal;
 
 /// Generous bounds: they only cap a failing test, a passing test never waits them out.
@@ -37,159 +37,9 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// How soon `master` mode must notice a restart: its look every 2 s, plus the realignment.
 const NOTICE: Duration = Duration::from_secs(10);
 
-/// One registry instance: id and YAML value.
-type Inst = (&'static str, String);
-
 /// A registry file with these services.
 fn registry(services: &[(&str, &[Inst])]) -> String {
-    let mut text = String::from("services:\n");
-    for (name, instances) in services {
-        text.push_str(&format!("  {name}:\n"));
-        for (id, value) in *instances {
-            text.push_str(&format!("    {id}: {value}\n"));
-        }
-    }
-    text
-}
-
-/// An instance at a backend.
-fn at(id: &'static str, b: &Backend) -> Inst {
-    (id, format!("\"127.0.0.1:{}\"", b.port))
-}
-
-/// A `haconfd run` over a workspace, with the HAProxy masters the test saw ended by PID if the
-/// test fails before haconfd (or the test) stopped them.
-struct Node {
-    // Field order is drop order: haconfd first (it stops a supervised HAProxy), then the guards.
-    daemon: Daemon,
-    masters: Vec<PidGuard>,
-    ws: Workspace,
-}
-
-impl Node {
-    /// `haconfd run` in supervise mode; returns once HAProxy serves the first apply.
-    fn supervise(ws: Workspace, registry_text: &str) -> Node {
-        Node::supervise_with(ws, registry_text, Opts::default())
-    }
-
-    /// Like [`Node::supervise`], with more options.
-    fn supervise_with(ws: Workspace, registry_text: &str, opts: Opts) -> Node {
-        ws.write_registry(registry_text);
-        ws.write_config(&Opts {
-            mode: "supervise",
-            ..opts
-        });
-        let daemon = ws.spawn_run();
-        let mut node = Node {
-            daemon,
-            masters: Vec::new(),
-            ws,
-        };
-        let info = wait_for(SETTLE, "HAProxy started by haconfd", || {
-            node.proc().filter(|p| p.workers > 0)
-        });
-        node.masters.push(PidGuard(Some(info.master_pid)));
-        node.wait_applied("start", 1);
-        node
-    }
-
-    fn port(&self) -> u16 {
-        self.ws.bind_port
-    }
-
-    fn runtime_socket(&self) -> PathBuf {
-        self.ws.path("run/admin.sock")
-    }
-
-    fn state_file(&self) -> PathBuf {
-        self.ws.path("run/server-state")
-    }
-
-    fn proc(&self) -> Option<ProcInfo> {
-        parse_show_proc(&cli_command(&self.ws.master_socket(), "show proc")?)
-    }
-
-    /// The worker PIDs `show proc` lists.
-    fn workers(&self) -> Vec<u32> {
-        let Some(text) = cli_command(&self.ws.master_socket(), "show proc") else {
-            return Vec::new();
-        };
-        let mut in_workers = false;
-        let mut pids = Vec::new();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                in_workers = line.contains("workers");
-                continue;
-            }
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if in_workers && f.get(1) == Some(&"worker") {
-                pids.extend(f.first().and_then(|p| p.parse::<u32>().ok()));
-            }
-        }
-        pids
-    }
-
-    fn log(&self) -> String {
-        self.daemon.log_text()
-    }
-
-    fn applied(&self, kind: &str) -> usize {
-        let needle = format!("apply.kind=\"{kind}\"");
-        self.log()
-            .lines()
-            .filter(|l| l.contains(" applied ") && l.contains(&needle))
-            .count()
-    }
-
-    fn wait_applied(&self, kind: &str, n: usize) {
-        wait_for(SETTLE, &format!("apply #{n} of kind {kind:?}"), || {
-            (self.applied(kind) >= n).then_some(())
-        });
-    }
-
-    fn wait_log(&self, within: Duration, needle: &str) {
-        wait_for(within, &format!("{needle:?} in the log"), || {
-            self.log().contains(needle).then_some(())
-        });
-    }
-
-    /// Waits until a request with `Host: host` is answered by the backend named `body`.
-    fn reach(&self, host: &str, body: &str) {
-        wait_for(SETTLE, &format!("Host {host} to reach {body}"), || {
-            http_get(self.port(), host, "/")
-                .ok()
-                .filter(|r| r.status == 200 && r.body == body)
-        });
-    }
-
-    fn dest(&self) -> String {
-        self.ws.dest_text().expect("dest is installed")
-    }
-
-    /// Disk and the running HAProxy agree on every server line of `backend`.
-    fn agree(&self, backend: &str) -> bool {
-        let disk = file_servers(&self.dest(), backend);
-        !disk.is_empty() && runtime_servers(&self.runtime_socket(), backend) == disk
-    }
-
-    fn assert_agree(&self, backend: &str) {
-        assert!(
-            self.agree(backend),
-            "the running HAProxy and the file disagree on {backend}: {:?} vs {:?}",
-            runtime_servers(&self.runtime_socket(), backend),
-            file_servers(&self.dest(), backend)
-        );
-    }
-
-    /// A counter or gauge on the admin endpoint's `/metrics`.
-    fn metric(&self, name: &str) -> Option<f64> {
-        let admin = self.ws.admin_port()?;
-        let body = http_get(admin, "localhost", "/metrics").ok()?.body;
-        body.lines().find_map(|l| {
-            let (n, v) = l.split_once(' ')?;
-            (n == name).then(|| v.trim().parse().ok()).flatten()
-        })
-    }
+    common::haproxy::registry(services, "")
 }
 
 /// The PIDs holding a socket that listens on 127.0.0.1:`port`: the inodes of `/proc/net/tcp`'s
@@ -329,18 +179,30 @@ impl Drop for Probe {
     }
 }
 
+/// After a restart of HAProxy (the node's first reload and first Runtime API change are
+/// behind it, with web on `c` and api on `b`): web moves back to `a` through the Runtime API,
+/// then a new service on `c` comes by reload, and both are served.
+fn later_changes_apply(node: &Lb, a: &Backend, b: &Backend, c: &Backend) {
+    node.ws
+        .write_registry(registry(&[("web", &[at("a", a)]), ("api", &[at("b", b)])]));
+    node.wait_applied("runtime", 2);
+    node.reach("web", "backend-A");
+    node.assert_agree("be_web");
+    node.ws.write_registry(registry(&[
+        ("web", &[at("a", a)]),
+        ("api", &[at("b", b)]),
+        ("new", &[at("n", c)]),
+    ]));
+    node.wait_applied("reload", 2);
+    node.reach("new", "backend-C");
+}
+
 /// Kills the supervised HAProxy (`victim` picks the process from the first master and its
 /// workers), and checks that haconfd serves the last good config again from a new master,
 /// logs and counts it, and that later changes apply against that master.
 fn survives_a_sigkill(victim: impl Fn(u32, &[u32]) -> u32, what: &str) {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut node = Node::supervise(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])]),
-    );
-    node.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut node = Lb::serving_web(&a, Opts::default());
     // A reload (which saves the server state), then a Runtime API move of web's instance: the
     // last good config is the installed file, and no older state may come back over it.
     node.ws.write_registry(registry(&[
@@ -402,20 +264,7 @@ fn survives_a_sigkill(victim: impl Fn(u32, &[u32]) -> u32, what: &str) {
     });
 
     // Later changes apply against the new master: through the Runtime API, then by reload.
-    node.ws.write_registry(registry(&[
-        ("web", &[at("a", &a)]),
-        ("api", &[at("b", &b)]),
-    ]));
-    node.wait_applied("runtime", 2);
-    node.reach("web", "backend-A");
-    node.assert_agree("be_web");
-    node.ws.write_registry(registry(&[
-        ("web", &[at("a", &a)]),
-        ("api", &[at("b", &b)]),
-        ("new", &[at("n", &c)]),
-    ]));
-    node.wait_applied("reload", 2);
-    node.reach("new", "backend-C");
+    later_changes_apply(&node, &a, &b, &c);
     let info = node.proc().expect("show proc after the reload");
     assert_eq!((info.master_pid, info.reloads, info.failed), (second, 1, 0));
     assert_eq!(node.daemon.terminate(SETTLE * 2), Some(0), "{}", node.log());
@@ -495,9 +344,7 @@ impl Drop for Supervised {
 
 #[test]
 fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_servers() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
+    let (a, b, c) = Backend::abc();
     let ws = Workspace::new("yaml");
     ws.write_registry(registry(&[("web", &[at("a", &a)])]));
     // The first file, rendered once without HAProxy, for HAProxy's own supervisor to start.
@@ -517,11 +364,7 @@ fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_ser
         ..Opts::default()
     });
     let daemon = ws.spawn_run();
-    let node = Node {
-        daemon,
-        masters: Vec::new(),
-        ws,
-    };
+    let node = Lb::attach(ws, daemon);
     node.wait_applied("none", 1);
     node.reach("web", "backend-A");
     // A reload saves the server state; a Runtime API move of web's instance follows.
@@ -555,6 +398,8 @@ fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_ser
     );
     let realigned = t0.elapsed();
     node.wait_log(NOTICE, "HAProxy was restarted by its own supervisor");
+    // The realignment is an apply of the same state that reloads nothing.
+    node.wait_applied("none", 2);
     eprintln!("master mode: restart noticed and servers realigned {realigned:?} after the start");
     node.reach("web", "backend-C");
     assert!(
@@ -564,20 +409,7 @@ fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_ser
     assert_eq!(node.metric("haconfd_haproxy_restarts_total"), Some(1.0));
 
     // haconfd's later changes apply to the restarted HAProxy.
-    node.ws.write_registry(registry(&[
-        ("web", &[at("a", &a)]),
-        ("api", &[at("b", &b)]),
-    ]));
-    node.wait_applied("runtime", 2);
-    node.reach("web", "backend-A");
-    node.assert_agree("be_web");
-    node.ws.write_registry(registry(&[
-        ("web", &[at("a", &a)]),
-        ("api", &[at("b", &b)]),
-        ("new", &[at("n", &c)]),
-    ]));
-    node.wait_applied("reload", 2);
-    node.reach("new", "backend-C");
+    later_changes_apply(&node, &a, &b, &c);
     assert_eq!(
         node.proc().map(|p| (p.master_pid, p.reloads)),
         Some((second, 1))
@@ -586,21 +418,15 @@ fn master_mode_notices_a_restart_by_haproxys_own_supervisor_and_realigns_its_ser
         !state_outlived_the_change,
         "the server state file outlived the Runtime API change that made it stale"
     );
-    let Node { mut daemon, .. } = node;
+    let Lb { mut daemon, .. } = node;
     assert_eq!(daemon.terminate(SETTLE), Some(0), "{}", daemon.log_text());
     haproxy.stop();
 }
 
 #[test]
 fn a_restarted_haconfd_adopts_the_haproxy_it_left_running_so_there_is_never_a_second() {
-    let a = Backend::start("backend-A");
-    let b = Backend::start("backend-B");
-    let c = Backend::start("backend-C");
-    let mut node = Node::supervise(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])]),
-    );
-    node.reach("web", "backend-A");
+    let (a, b, c) = Backend::abc();
+    let mut node = Lb::serving_web(&a, Opts::default());
     let orphan = node.proc().expect("show proc").master_pid;
     assert_eq!(listening_masters(node.port()), BTreeSet::from([orphan]));
 
@@ -615,10 +441,8 @@ fn a_restarted_haconfd_adopts_the_haproxy_it_left_running_so_there_is_never_a_se
 
     // The registry moves on while no haconfd runs; then haconfd starts again.
     node.ws.write_registry(registry(&[("web", &[at("a", &c)])]));
-    node.daemon = node.ws.spawn_run();
-    wait_for(SETTLE, "the first apply", || {
-        node.log().contains(" applied ").then_some(())
-    });
+    node.respawn();
+    node.wait_first_apply();
     node.reach("web", "backend-C");
     assert_eq!(
         listening_masters(node.port()),
@@ -675,18 +499,12 @@ fn a_restarted_haconfd_adopts_the_haproxy_it_left_running_so_there_is_never_a_se
 #[test]
 fn sigterm_softly_stops_an_adopted_haproxy() {
     let a = Backend::start("backend-A");
-    let mut node = Node::supervise(
-        Workspace::new("yaml"),
-        &registry(&[("web", &[at("a", &a)])]),
-    );
-    node.reach("web", "backend-A");
+    let mut node = Lb::serving_web(&a, Opts::default());
     let orphan = node.proc().expect("show proc").master_pid;
     node.daemon.child.kill().expect("SIGKILL haconfd");
     node.daemon.child.wait().expect("reap haconfd");
-    node.daemon = node.ws.spawn_run();
-    wait_for(SETTLE, "the first apply", || {
-        node.log().contains(" applied ").then_some(())
-    });
+    node.respawn();
+    node.wait_first_apply();
     assert_eq!(node.proc().map(|p| p.master_pid), Some(orphan));
     assert_eq!(
         listening_masters(node.port()),
@@ -717,7 +535,7 @@ fn the_lame_duck_and_a_forced_stop_reach_an_adopted_haproxy() {
         lame_duck: "5m",
         ..Opts::default()
     };
-    let mut node = Node::supervise_with(
+    let mut node = Lb::start(
         Workspace::new("yaml"),
         &registry(&[("web", &[at("a", &a)])]),
         opts,
@@ -726,7 +544,7 @@ fn the_lame_duck_and_a_forced_stop_reach_an_adopted_haproxy() {
     let orphan = node.proc().expect("show proc").master_pid;
     node.daemon.child.kill().expect("SIGKILL haconfd");
     node.daemon.child.wait().expect("reap haconfd");
-    node.daemon = node.ws.spawn_run();
+    node.respawn();
     node.wait_applied("none", 1);
     assert_eq!(node.proc().map(|p| p.master_pid), Some(orphan));
     let monitor = || http_get(node.port(), "any", MONITOR).ok().map(|r| r.status);

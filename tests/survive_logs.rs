@@ -11,7 +11,7 @@ use std::process::{ChildStderr, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::haproxy::{Daemon, Opts, Workspace, http_get, serves};
+use common::haproxy::{Daemon, Opts, Workspace, serves};
 use common::{haconfd_bin, wait_exit, wait_for};
 
 /// Generous bounds: they only cap a failing test, a passing one never waits them out.
@@ -79,12 +79,7 @@ fn collect(mut stderr: ChildStderr) -> Arc<Mutex<Vec<u8>>> {
 
 /// `haconfd_log_dropped_total` from the admin endpoint's /metrics, when it answers.
 fn dropped_lines(ws: &Workspace) -> Option<u64> {
-    let port = ws.admin_port()?;
-    let metrics = http_get(port, "127.0.0.1", "/metrics").ok()?;
-    metrics.body.lines().find_map(|l| {
-        l.strip_prefix("haconfd_log_dropped_total ")
-            .and_then(|v| v.trim().parse().ok())
-    })
+    Some(ws.admin()?.metric("haconfd_log_dropped_total")? as u64)
 }
 
 /// Writes a registry that moves `w1` to `port` and waits (bounded) for dest to follow.

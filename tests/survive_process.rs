@@ -2,9 +2,9 @@
 //! haconfd runs as PID 1 with a reload command that leaves orphans behind.
 //!
 //! Each case drives a file-source `haconfd run` and edits its registry. Two cases need root
-//! (switching to a dedicated user, a PID namespace): CI runs the suite as root, so they run
-//! there and fail anywhere else, unless `HACONFD_TEST_SKIP_ROOT=1` says to skip them (a
-//! developer's machine without root); a skip is never silent about it.
+//! (switching to a dedicated user, a PID namespace): they are `#[ignore = "needs root"]` (the
+//! root-only policy of tests/common/mod.rs), so `cargo test` lists them as ignored, and
+//! `cargo test -- --ignored` runs them where root exists (CI does); run without root, they fail.
 
 mod common;
 
@@ -14,28 +14,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::haproxy::{Daemon, Opts, Workspace, http_get, serves, signal};
+use common::haproxy::{Daemon, Opts, Workspace, serves, signal};
 use common::{haconfd_bin, wait_exit, wait_for};
 
 /// Generous bounds: they only cap a failing test, the tests never wait them out when passing.
 const SETTLE: Duration = Duration::from_secs(30);
 /// What haconfd warns once when it polls instead of watching with inotify.
 const POLLING: &str = "cannot watch files with inotify";
-
-/// Whether this test may go on: true as root. Anywhere else the test fails, unless
-/// `HACONFD_TEST_SKIP_ROOT` is set, which skips it out loud.
-fn root_or_skip(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("HACONFD_TEST_SKIP_ROOT").is_some() {
-        eprintln!("SKIPPED (HACONFD_TEST_SKIP_ROOT is set, not root): {what}");
-        return false;
-    }
-    panic!(
-        "{what} needs root (CI runs the suite as root); set HACONFD_TEST_SKIP_ROOT=1 to skip it"
-    );
-}
 
 fn registry(instances: &[(&str, u16)]) -> String {
     let mut text = String::from("services:\n  web:\n");
@@ -47,10 +32,7 @@ fn registry(instances: &[(&str, u16)]) -> String {
 
 /// A metric's value from the daemon's `/metrics`, if it answers and has it.
 fn metric(ws: &Workspace, name: &str) -> Option<f64> {
-    let port = ws.admin_port()?;
-    let body = http_get(port, "localhost", "/metrics").ok()?.body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    ws.admin()?.metric(name)
 }
 
 /// A process's state letter and parent PID from `/proc/<pid>/stat`.
@@ -134,10 +116,9 @@ fn edit_and_wait(ws: &Workspace, n: u16) {
 /// zombie until its parent reaps it. haconfd reaps them, and its own children still report
 /// their exit status to it: every reload succeeds.
 #[test]
+#[ignore = "needs root"]
 fn a_reload_commands_orphans_are_reaped_when_haconfd_is_pid_1() {
-    if !root_or_skip("running haconfd as PID 1 of a PID namespace") {
-        return;
-    }
+    common::needs_root("running haconfd as PID 1 of a PID namespace");
     const RELOADS: u16 = 5;
     let ws = command_workspace("(sleep 0.3 </dev/null >/dev/null 2>&1 &); exit 0");
     let log = ws.path("haconfd.log");
@@ -310,10 +291,9 @@ time.sleep(600)
 /// a metric, and applies every edit. Only one dedicated uid is used up; the system-wide limit
 /// is never touched.
 #[test]
+#[ignore = "needs root"]
 fn out_of_inotify_instances_it_polls_and_still_applies() {
-    if !root_or_skip("using up the inotify instances of a dedicated user") {
-        return;
-    }
+    common::needs_root("using up the inotify instances of a dedicated user");
     let uid = unused_uid();
     let mut ws = Workspace::new("yaml");
     ws.set_template(&Workspace::default_template());
@@ -348,22 +328,9 @@ fn out_of_inotify_instances_it_polls_and_still_applies() {
     assert_eq!(held, limit, "the hog did not use up the instances: {line}");
     eprintln!("the hog holds {held} inotify instances ({})", line.trim());
 
-    let log = ws.path("haconfd.log");
-    let child = Command::new(haconfd_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&ws.config)
-        .env_remove("HACONFD_CONFIG")
-        .env("HACONFD_LOG", "info")
-        .current_dir(ws.dir.path())
-        .uid(uid)
-        .gid(uid)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(&log).expect("create log"))
-        .spawn()
-        .expect("start haconfd run");
-    let mut daemon = Daemon { child, log };
+    let mut cmd = ws.run_command("info");
+    cmd.uid(uid).gid(uid);
+    let mut daemon = Daemon::spawn(cmd, ws.path("haconfd.log"));
 
     wait_for(SETTLE, "the first apply", || {
         if let Ok(Some(status)) = daemon.child.try_wait() {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, ConnectOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -74,20 +74,7 @@ impl Member {
     /// GET /health on the metrics listener answers {"health":"true"} (this member sees a
     /// leader).
     pub fn healthy(&self) -> bool {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
+        super::etcd::healthy(self.metrics_port)
     }
 }
 
@@ -441,10 +428,7 @@ impl Cluster {
         key: &str,
         value: &str,
     ) -> Result<i64, String> {
-        self.with_member_within(i, timeout, async |c| {
-            let r = c.put(key, value, None).await?;
-            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
-        })
+        self.with_member_within(i, timeout, async |c| super::etcd::put(c, key, value).await)
     }
 
     /// Member `i`'s Prometheus metrics (GET /metrics on its metrics listener), or "" when it
@@ -544,10 +528,7 @@ impl Cluster {
 
     /// Puts one key; returns the revision.
     pub fn put(&self, key: &str, value: &str) -> i64 {
-        self.with_client(async |c| {
-            let r = c.put(key, value, None).await?;
-            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
-        })
+        self.with_client(async |c| super::etcd::put(c, key, value).await)
     }
 
     /// Deletes one key; returns how many keys were deleted.
@@ -557,27 +538,19 @@ impl Cluster {
 
     /// Every key under `prefix`, as text.
     pub fn get_prefix(&self, prefix: &str) -> BTreeMap<String, String> {
-        self.with_client(async |c| {
-            let r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-            Ok(r.kvs()
-                .iter()
-                .map(|kv| {
-                    (
-                        String::from_utf8_lossy(kv.key()).into_owned(),
-                        String::from_utf8_lossy(kv.value()).into_owned(),
-                    )
-                })
-                .collect())
-        })
+        self.with_client(async |c| super::etcd::get_prefix(c, prefix).await)
     }
 
     /// The current revision.
     pub fn revision(&self) -> i64 {
-        self.with_client(async |c| {
-            let r = c
-                .get("/", Some(GetOptions::new().with_count_only()))
-                .await?;
-            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        self.with_client(async |c| super::etcd::revision(c).await)
+    }
+
+    /// A key's value and lease id as member `i` reads it: Ok(None) when absent.
+    pub fn entry_on(&self, i: usize, key: &str) -> Result<Option<(String, i64)>, String> {
+        self.with_member(i, async |c| {
+            let r = c.get(key, None).await?;
+            Ok(r.kvs().first().map(super::etcd::entry_of))
         })
     }
 }

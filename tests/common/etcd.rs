@@ -41,7 +41,9 @@ impl TlsFiles {
                 .args(args)
                 .current_dir(dir)
                 .output()
-                .expect("run openssl");
+                .expect(
+                    "run openssl (the TLS tests need the openssl CLI: a missing one fails them)",
+                );
             assert!(
                 out.status.success(),
                 "openssl {args:?} failed:\n{}",
@@ -250,18 +252,7 @@ impl Etcd {
 
     /// GET /health on the metrics listener answers {"health":"true"}.
     pub fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
+        healthy(self.metrics_port)
     }
 
     pub fn pid(&self) -> Option<Pid> {
@@ -376,10 +367,7 @@ impl Etcd {
 
     /// Puts one key; returns the revision.
     pub fn put(&self, key: &str, value: &str) -> i64 {
-        self.with_client(async |c| {
-            let r = c.put(key, value, None).await?;
-            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
-        })
+        self.with_client(async |c| put(c, key, value).await)
     }
 
     /// Puts many keys with one client, one after another.
@@ -434,17 +422,30 @@ impl Etcd {
 
     /// Every key under `prefix`, as text.
     pub fn get_prefix(&self, prefix: &str) -> BTreeMap<String, String> {
+        self.with_client(async |c| get_prefix(c, prefix).await)
+    }
+
+    /// A key's value and lease id (0 without one), if the key exists.
+    pub fn entry(&self, key: &str) -> Option<(String, i64)> {
         self.with_client(async |c| {
-            let r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-            Ok(r.kvs()
-                .iter()
-                .map(|kv| {
-                    (
-                        String::from_utf8_lossy(kv.key()).into_owned(),
-                        String::from_utf8_lossy(kv.value()).into_owned(),
-                    )
-                })
-                .collect())
+            let r = c.get(key, None).await?;
+            Ok(r.kvs().first().map(entry_of))
+        })
+    }
+
+    /// A lease's granted TTL and remaining TTL in seconds (-1 when it does not exist).
+    pub fn lease_ttl(&self, lease: i64) -> (i64, i64) {
+        self.with_client(async |c| {
+            let r = c.lease_time_to_live(lease, None).await?;
+            Ok((r.granted_ttl(), r.ttl()))
+        })
+    }
+
+    /// Revokes a lease: its keys go at once.
+    pub fn revoke(&self, lease: i64) {
+        self.with_client(async |c| {
+            c.lease_revoke(lease).await?;
+            Ok(())
         })
     }
 
@@ -479,12 +480,7 @@ impl Etcd {
 
     /// The current revision.
     pub fn revision(&self) -> i64 {
-        self.with_client(async |c| {
-            let r = c
-                .get("/", Some(GetOptions::new().with_count_only()))
-                .await?;
-            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
-        })
+        self.with_client(async |c| revision(c).await)
     }
 
     /// Compacts the history up to `revision` (physically, so it is done when this returns).
@@ -520,6 +516,61 @@ impl Etcd {
         });
         self.auth = Some(("root".into(), root_password.into()));
     }
+}
+
+/// Whether GET /health on the etcd metrics listener at 127.0.0.1:`metrics_port` answers
+/// {"health":"true"} (the member sees a leader).
+pub fn healthy(metrics_port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// Puts one key through `c`; returns the revision.
+pub async fn put(c: &mut Client, key: &str, value: &str) -> Result<i64, etcd_client::Error> {
+    let r = c.put(key, value, None).await?;
+    Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+}
+
+/// Every key under `prefix` through `c`, as text.
+pub async fn get_prefix(
+    c: &mut Client,
+    prefix: &str,
+) -> Result<BTreeMap<String, String>, etcd_client::Error> {
+    let r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+    Ok(r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                String::from_utf8_lossy(kv.value()).into_owned(),
+            )
+        })
+        .collect())
+}
+
+/// The current revision, as `c` reads it.
+pub async fn revision(c: &mut Client) -> Result<i64, etcd_client::Error> {
+    let r = c
+        .get("/", Some(GetOptions::new().with_count_only()))
+        .await?;
+    Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+}
+
+/// A key-value pair's value as text and its lease id.
+pub fn entry_of(kv: &etcd_client::KeyValue) -> (String, i64) {
+    (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())
 }
 
 impl Drop for Etcd {

@@ -1,20 +1,22 @@
 //! Real HAProxy processes and local HTTP backends for tests, on 127.0.0.1 only.
 //!
-//! A [`Workspace`] is one temp dir holding a registry file, a config that points at it, and the
-//! dest and sockets haconfd writes; a [`Daemon`] is a `haconfd run` ended by its PID on drop; a
-//! [`Backend`] is a tiny HTTP server that answers every request with its own name.
+//! A [`Workspace`] is one temp dir holding a registry file, a config that points at it (or at
+//! etcd), and the dest and sockets haconfd writes; a [`Daemon`] is a `haconfd run` ended by its
+//! PID on drop; a [`Backend`] is a tiny HTTP server that answers every request with its own name.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::admin::Admin;
+pub use super::run::Daemon;
+use super::run::run_command;
 use super::{free_port, haconfd_bin, repo, write_atomic};
 
 /// How a workspace's config file is written.
@@ -37,6 +39,15 @@ pub struct Opts {
     pub hosts_map_src: Option<PathBuf>,
     /// `[frontend] lame_duck`.
     pub lame_duck: &'static str,
+    /// The etcd source instead of the file: the lines of the `[etcd]` table (see
+    /// [`etcd_table`]).
+    pub etcd: Option<String>,
+}
+
+/// The lines of an `[etcd]` table for `endpoints`, in this order.
+pub fn etcd_table(endpoints: &[String]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    format!("endpoints = [{}]\n", list.join(", "))
 }
 
 impl Default for Opts {
@@ -50,6 +61,7 @@ impl Default for Opts {
             hosts_map: false,
             hosts_map_src: None,
             lame_duck: "0s",
+            etcd: None,
         }
     }
 }
@@ -118,10 +130,12 @@ impl Workspace {
 
     /// The admin endpoint's port, as the written config names it.
     pub fn admin_port(&self) -> Option<u16> {
-        let text = std::fs::read_to_string(&self.config).ok()?;
-        let rest = text.split("[admin]").nth(1)?;
-        let listen = rest.split("listen = \"127.0.0.1:").nth(1)?;
-        listen.split('"').next()?.parse().ok()
+        Some(self.admin()?.port)
+    }
+
+    /// The admin endpoint, as the written config names it.
+    pub fn admin(&self) -> Option<Admin> {
+        Admin::of_config(&self.config)
     }
 
     /// The master socket path of this workspace.
@@ -132,14 +146,17 @@ impl Workspace {
     /// The config text for `opts`.
     pub fn config_text(&self, opts: &Opts) -> String {
         let prefixes: Vec<String> = opts.prefixes.iter().map(|p| format!("{p:?}")).collect();
+        let prefixes = prefixes.join(", ");
+        let source = match &opts.etcd {
+            Some(table) => format!("kind = \"etcd\"\nprefixes = [{prefixes}]\n\n[etcd]\n{table}"),
+            None => format!(
+                "kind = \"file\"\nprefixes = [{prefixes}]\n\n[file]\npath = \"{}\"\n",
+                self.registry.display()
+            ),
+        };
         format!(
             r#"[source]
-kind = "file"
-prefixes = [{prefixes}]
-
-[file]
-path = "{registry}"
-{hosts}
+{source}{hosts}
 [[template]]
 name = "haproxy"
 src = "{template}"
@@ -166,8 +183,6 @@ lame_duck = "{lame_duck}"
 [admin]
 listen = "127.0.0.1:{admin}"
 {extra}"#,
-            prefixes = prefixes.join(", "),
-            registry = self.registry.display(),
             template = self.template.display(),
             dest = self.dest.display(),
             file_mode = opts.file_mode,
@@ -234,23 +249,15 @@ listen = "127.0.0.1:{admin}"
         self.haconfd_env(args, &[])
     }
 
+    /// `haconfd run` on this workspace's config, in its dir, at `filter`: a command to
+    /// adjust, then [`Daemon::spawn`].
+    pub fn run_command(&self, filter: &str) -> Command {
+        run_command(&self.config, self.dir.path(), filter)
+    }
+
     /// Starts `haconfd run` with its stderr in `<workspace>/haconfd.log`.
     pub fn spawn_run(&self) -> Daemon {
-        let log = self.path("haconfd.log");
-        let err = File::create(&log).expect("create log file");
-        let child = Command::new(haconfd_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("HACONFD_CONFIG")
-            .env("HACONFD_LOG", "info")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start haconfd run");
-        Daemon { child, log }
+        Daemon::spawn(self.run_command("info"), self.path("haconfd.log"))
     }
 
     /// The installed dest, if any, as text.
@@ -278,58 +285,6 @@ listen = "127.0.0.1:{admin}"
         };
         names.sort();
         names
-    }
-}
-
-/// A running `haconfd run`. Dropping it stops it: SIGTERM, then SIGKILL after a bound.
-pub struct Daemon {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Daemon {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the daemon logged so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    /// Stops the daemon (SIGTERM, exit 0 within 60 s) and waits for the HAProxy master it
-    /// supervised to be gone.
-    pub fn stop_with_master(&mut self, master: u32) {
-        assert_eq!(
-            self.terminate(Duration::from_secs(60)),
-            Some(0),
-            "{}",
-            self.log_text()
-        );
-        super::wait_for(
-            Duration::from_secs(30),
-            "the HAProxy master to exit",
-            || (!pid_alive(master)).then_some(()),
-        );
-    }
-
-    /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit code.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
-        super::wait_exit(&mut self.child, timeout)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait()
-            && self.terminate(Duration::from_secs(15)).is_none()
-        {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -422,6 +377,15 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Three backends named backend-A, backend-B and backend-C.
+    pub fn abc() -> (Backend, Backend, Backend) {
+        (
+            Backend::start("backend-A"),
+            Backend::start("backend-B"),
+            Backend::start("backend-C"),
+        )
+    }
+
     pub fn start(name: &str) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
         let port = listener.local_addr().expect("local addr").port();
@@ -591,4 +555,25 @@ pub fn runtime_servers(socket: &Path, backend: &str) -> Vec<Srv> {
             })
         })
         .collect()
+}
+
+/// One registry instance: id and YAML value (an address, or a JSON object in quotes).
+pub type Inst = (&'static str, String);
+
+/// A YAML registry file with these services, plus raw YAML appended (other prefixes).
+pub fn registry(services: &[(&str, &[Inst])], extra: &str) -> String {
+    let mut text = String::from("services:\n");
+    for (name, instances) in services {
+        text.push_str(&format!("  {name}:\n"));
+        for (id, value) in *instances {
+            text.push_str(&format!("    {id}: {value}\n"));
+        }
+    }
+    text.push_str(extra);
+    text
+}
+
+/// An instance at a backend, as a plain address.
+pub fn at(id: &'static str, b: &Backend) -> Inst {
+    (id, format!("\"127.0.0.1:{}\"", b.port))
 }

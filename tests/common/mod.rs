@@ -1,12 +1,29 @@
 //! Shared helpers for the integration tests: temp workspaces, free loopback ports, the haconfd
-//! binary, and real etcd and HAProxy processes (`etcd`, `haproxy` submodules). Every process a
-//! test starts is ended by its PID when its guard drops.
+//! binary, and real etcd and HAProxy processes. Every process a test starts is ended by its PID
+//! when its guard drops.
+//!
+//! - `run`      — `haconfd run` and `haconfd announce` as processes; [`run::EtcdDaemon`] writes
+//!   a config over etcd (or a file) with a small template and starts it
+//! - `admin`    — a client for a daemon's admin endpoint: `/metrics`, `/readyz`
+//! - `haproxy`  — a file-source [`haproxy::Workspace`], local HTTP backends, HAProxy's sockets
+//! - `lb`       — a `haconfd run` that drives HAProxy, with its applies counted from the log
+//! - `etcd`, `cluster` — a real etcd, or a real 3-member cluster
+//! - `elb`, `service` — the fleet tests' load balancer model and service instances
+//! - `docker`   — the Docker Engine API answers recorded in `tests/fixtures/docker/`
+//!
+//! Root-only tests follow one policy: they are `#[ignore = "needs root"]`, so a plain
+//! `cargo test` lists them as ignored (never as passed), and `cargo test -- --ignored` runs them
+//! where root exists (CI does); there, [`needs_root`] fails them when the process is not root.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod cluster;
+pub mod docker;
 pub mod elb;
 pub mod etcd;
 pub mod haproxy;
+pub mod lb;
+pub mod run;
 pub mod service;
 
 use std::net::TcpListener;
@@ -42,6 +59,45 @@ pub fn haconfd(args: &[&str]) -> Output {
         .expect("run haconfd")
 }
 
+/// A command's stderr, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's stdout, as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that a command exited with `code`, showing its stderr when it did not.
+#[track_caller]
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "{}", stderr(out));
+}
+
+/// Asserts that `got` is `want`, line for line, showing a unified diff when it is not.
+#[track_caller]
+pub fn assert_same_lines(what: &str, want: &str, got: &str) {
+    if want != got {
+        let diff = similar::TextDiff::from_lines(want, got)
+            .unified_diff()
+            .header("expected", "got")
+            .to_string();
+        panic!("{what} differs from what is expected:\n{diff}");
+    }
+}
+
+/// The policy for a test that needs root (see the module's comment): such a test is
+/// `#[ignore = "needs root"]` and calls this first, so that run where root is missing it fails,
+/// naming what needs root, instead of passing as a skip.
+#[track_caller]
+pub fn needs_root(what: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{what} needs root: run the ignored tests as root (`cargo test -- --ignored`, as CI does)"
+    );
+}
+
 /// Polls `f` every 20 ms until it returns Some, or panics after `timeout` with `what`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -55,6 +111,16 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The names in `dir`, sorted.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// Writes a file atomically (temp + rename), the way deploy tools do.
