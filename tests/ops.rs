@@ -891,3 +891,19 @@ fn the_readme_stays_short_and_links_every_doc() {
         );
     }
 }
+
+/// CI runs exactly the README's test command, so "every test" means the same in both.
+#[test]
+fn ci_runs_the_readme_test_command() {
+    let readme = read("README.md");
+    let command = readme
+        .lines()
+        .find_map(|l| l.strip_prefix("scripts/install-deps && "))
+        .expect("the README's test command");
+    let ci = read(".ci/run");
+    assert!(
+        ci.lines().any(|l| l.trim() == command),
+        ".ci/run does not run `{command}`"
+    );
+    assert!(ci.contains("scripts/install-deps"));
+}
