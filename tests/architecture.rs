@@ -181,7 +181,14 @@ fn prints(sources: &[Source]) -> Vec<String> {
 /// A rule: the violations it finds.
 type Rule = fn(&[Source]) -> Vec<String>;
 
-const RULES: [(&str, Rule); 5] = [
+/// No library module imports the CLI layer: `commands` is `main`'s.
+fn commands_imported_by_the_library(sources: &[Source]) -> Vec<String> {
+    find(sources, &["crate::commands", "commands::"], |p| {
+        p == "src/main.rs" || p == "src/commands.rs" || p == "src/lib.rs"
+    })
+}
+
+const RULES: [(&str, Rule); 6] = [
     (
         "only src/etcd/ names etcd_client",
         etcd_client_outside_the_etcd_module,
@@ -196,6 +203,10 @@ const RULES: [(&str, Rule); 5] = [
     ),
     ("src/render/ does no I/O and reads no clock", io_in_render),
     ("nothing in src/ prints", prints),
+    (
+        "no library module imports the CLI layer",
+        commands_imported_by_the_library,
+    ),
 ];
 
 fn assert_rule(name: &str, found: Vec<String>) {
@@ -223,6 +234,11 @@ fn render_does_no_io_and_reads_no_clock() {
 }
 
 #[test]
+fn no_library_module_imports_the_cli_layer() {
+    assert_rule(RULES[5].0, RULES[5].1(&sources()));
+}
+
+#[test]
 fn nothing_in_src_prints() {
     assert_rule(RULES[4].0, RULES[4].1(&sources()));
     let logging = std::fs::read_to_string(common::repo().join("src/logging.rs")).expect("read");
@@ -245,6 +261,7 @@ fn each_rule_catches_a_planted_violation() {
             "let now = std::time::Instant::now();",
         ),
         ("src/apply.rs", "eprintln!(\"applied\");"),
+        ("src/announce/mod.rs", "use crate::commands::Failure;"),
     ];
     for ((name, rule), (path, line)) in RULES.iter().zip(planted) {
         let code = format!("fn f() {{\n    {line}\n}}\n");

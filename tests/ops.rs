@@ -693,15 +693,42 @@ fn every_test_the_survival_table_names_exists() {
             let Some((file, name)) = cell.split_once("::") else {
                 continue;
             };
-            let source = read(&format!("tests/{file}.rs"));
             assert!(
-                source.contains(&format!("fn {name}()")),
-                "docs/operations.md names {file}::{name}, which tests/{file}.rs does not have"
+                test_exists(file, name),
+                "docs/operations.md names {file}::{name}, which no test is"
             );
             named += 1;
         }
     }
     assert!(named >= 20, "only {named} tests named");
+}
+
+/// Whether `file::name` is a test: `fn name()` in `tests/<file>.rs`, or, for a unit test
+/// (`module::tests::name`), `fn <last segment>()` in a file under `src/<module>`.
+fn test_exists(file: &str, name: &str) -> bool {
+    let integration = repo().join(format!("tests/{file}.rs"));
+    if integration.exists() && !name.contains("::") {
+        return read(&format!("tests/{file}.rs")).contains(&format!("fn {name}()"));
+    }
+    let last = name.rsplit("::").next().unwrap_or(name);
+    let mut stack = vec![
+        repo().join("src").join(file),
+        repo().join(format!("src/{file}.rs")),
+    ];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            for e in std::fs::read_dir(&p).expect("read dir") {
+                stack.push(e.expect("entry").path());
+            }
+        } else if p.is_file()
+            && std::fs::read_to_string(&p)
+                .expect("read")
+                .contains(&format!("fn {last}()"))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// GitHub's anchor for a heading: lowercased, every character but letters, digits, spaces, '-'
@@ -906,4 +933,35 @@ fn ci_runs_the_readme_test_command() {
         ".ci/run does not run `{command}`"
     );
     assert!(ci.contains("scripts/install-deps"));
+}
+
+/// Every test ARCHITECTURE.md names as holding an invariant (after the "—" of each invariant)
+/// exists.
+#[test]
+fn every_test_the_architecture_names_exists() {
+    let text = read("ARCHITECTURE.md");
+    let invariants = text
+        .split("## Invariants")
+        .nth(1)
+        .expect("ARCHITECTURE.md has its invariants");
+    let mut named = 0;
+    for bullet in invariants.split("\n- ").skip(1) {
+        let Some((_, held_by)) = bullet.rsplit_once('—') else {
+            continue;
+        };
+        for cell in held_by.split('`').skip(1).step_by(2) {
+            let Some((file, name)) = cell.split_once("::") else {
+                continue;
+            };
+            if name == "*" || name == "tests" || name.ends_with("::tests") {
+                continue;
+            }
+            assert!(
+                test_exists(file, name),
+                "ARCHITECTURE.md names {file}::{name}, which no test is"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 25, "only {named} tests named");
 }
