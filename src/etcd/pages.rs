@@ -15,8 +15,10 @@ use crate::model::display_key;
 /// default), since the watch asks for no previous values; a watch that resumes far behind
 /// gets up to 1,000 revisions in one answer, and a paged read replaces one above this.
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
-/// Keys per page of a full read: 100,000 keys are 100 round trips.
-pub(crate) const PAGE_KEYS: i64 = 1000;
+/// Keys per page of a full read: 100,000 keys are 10 round trips. Each round trip costs: pages
+/// of 1,000 made the first read at 2,000 × 10 take 306 ms against 242 ms with 10,000 (197 ms
+/// as one message per prefix), while the message bound keeps the memory bounded either way.
+pub(crate) const PAGE_KEYS: i64 = 10_000;
 /// A deadline for one page of a read: large pages take a while, hung servers forever.
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
