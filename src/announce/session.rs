@@ -14,9 +14,7 @@ use super::check::Health;
 use super::{Registration, Shutdown};
 use crate::config::EtcdConfig;
 use crate::etcd::lease::{self, Held, Lost, Opened, not_found as lease_not_found};
-use crate::etcd::{
-    BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, Members, backoff_sleep,
-};
+use crate::etcd::{Failure as EtcdFailure, Kind, Members, Outage, Recovered, Retry, backoff_sleep};
 use crate::failure::Failure;
 
 /// The revoke on stop: the contract is "gone within a second".
@@ -38,9 +36,8 @@ struct State {
     lease: Option<i64>,
     /// Whether the key is believed to be in etcd (for log lines only).
     written: bool,
-    backoff: Backoff,
-    down_since: Option<Instant>,
-    failures: u32,
+    /// Since when etcd has been failing, how many attempts failed, the backoff.
+    outage: Outage,
     /// Which etcd member to talk to.
     members: Members,
 }
@@ -55,9 +52,7 @@ pub(super) async fn run(
     let mut st = State {
         lease: None,
         written: false,
-        backoff: Backoff::new(),
-        down_since: None,
-        failures: 0,
+        outage: Outage::new(),
         members: Members::default(),
     };
     let user = config.username.clone();
@@ -107,28 +102,23 @@ async fn failed(
     config: &EtcdConfig,
     shutdown: &mut Shutdown,
 ) -> Option<&'static str> {
-    let since = *st.down_since.get_or_insert_with(Instant::now);
-    st.failures += 1;
-    let floor = if f.kind == Kind::Auth {
-        BACKOFF_AUTH_MIN
-    } else {
-        Duration::ZERO
-    };
-    let delay = st.backoff.next(floor);
-    let down_for =
-        humantime::format_duration(Duration::from_millis(since.elapsed().as_millis() as u64))
-            .to_string();
-    let retry_in = format!("{}ms", delay.as_millis());
+    let Retry {
+        delay,
+        attempts,
+        down_for,
+        retry_in,
+        ..
+    } = st.outage.failed(&f);
     let endpoints = config.endpoints.join(",");
     if f.kind == Kind::Auth {
-        tracing::error!(error = %f, endpoints, down_for, attempts = st.failures, retry_in, "etcd refused announce (it needs write access to /services/ and lease rights)");
+        tracing::error!(error = %f, endpoints, down_for, attempts, retry_in, "etcd refused announce (it needs write access to /services/ and lease rights)");
     } else {
-        tracing::warn!(error = %f, endpoints, down_for, attempts = st.failures, retry_in, "etcd unreachable; the registration is renewed when it is back");
+        tracing::warn!(error = %f, endpoints, down_for, attempts, retry_in, "etcd unreachable; the registration is renewed when it is back");
     }
     tokio::select! {
         changed = backoff_sleep(config, delay) => {
             if changed {
-                st.backoff.reset();
+                st.outage.reset_backoff();
             }
             None
         }
@@ -279,17 +269,16 @@ async fn session_inner(
     // The key as the health says, now: after an outage it may have been lost (etcd restored
     // from a backup) or the health may have changed meanwhile.
     write(&mut kv, st, reg, lease, health.is_up(), deadline, user).await?;
-    if let Some(since) = st.down_since.take() {
+    if let Some(Recovered { down_for, attempts }) = st.outage.recovered() {
         tracing::info!(
             key = %reg.key,
             lease = format!("{lease:x}"),
-            down_for = %humantime::format_duration(Duration::from_millis(since.elapsed().as_millis() as u64)),
-            attempts = st.failures,
+            down_for,
+            attempts,
             "etcd reachable again; registration renewed"
         );
     }
-    st.failures = 0;
-    st.backoff.reset();
+    st.outage.reset_backoff();
 
     loop {
         tokio::select! {

@@ -61,6 +61,21 @@ pub(super) struct RawEtcd {
     pub(super) dial_timeout: String,
 }
 
+/// An `[etcd]` table left out: every default.
+impl Default for RawEtcd {
+    fn default() -> Self {
+        RawEtcd {
+            endpoints: default_endpoints(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_file: None,
+            dial_timeout: default_dial_timeout(),
+        }
+    }
+}
+
 // Written by hand so that a future secret field cannot leak through a derive.
 impl fmt::Debug for RawEtcd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

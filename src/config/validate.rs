@@ -67,15 +67,7 @@ pub(super) fn validate_source(
                     "remove the [file] table or set source.kind = \"file\"",
                 ));
             }
-            SourceKind::Etcd(validate_etcd(etcd.unwrap_or_else(|| RawEtcd {
-                endpoints: default_endpoints(),
-                ca_file: None,
-                cert_file: None,
-                key_file: None,
-                username: None,
-                password_file: None,
-                dial_timeout: default_dial_timeout(),
-            }))?)
+            SourceKind::Etcd(validate_etcd(etcd.unwrap_or_default())?)
         }
         "file" => {
             if etcd.is_some() {

@@ -20,7 +20,7 @@ pub mod lease;
 mod pages;
 
 pub(crate) use crate::backoff::Backoff;
-pub(crate) use backoff::{BACKOFF_AUTH_MIN, backoff_sleep};
+pub(crate) use backoff::{Outage, Recovered, Retry, backoff_sleep};
 pub(crate) use connect::{
     KEEP_ALIVE_TIMEOUT, Members, connect_options, connect_with, dial_timeout, leader_known,
 };

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::etcd::{Client, GetOptions, KeyValue, KvClient, PutOptions};
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,7 @@ use crate::config::ConfigSource;
 use crate::config::{Config, EtcdConfig, HaproxyMode, SourceKind};
 use crate::etcd::lease::{self, Held, Lost, Opened};
 use crate::etcd::{
-    BACKOFF_AUTH_MIN, Backoff, Failure as EtcdFailure, Kind, MAX_MESSAGE, Members, Pages,
+    Failure as EtcdFailure, Kind, MAX_MESSAGE, Members, Outage, Pages, Recovered, Retry,
 };
 use crate::failure::Failure;
 use crate::metrics::Metrics;

@@ -31,8 +31,7 @@ impl Publisher {
             mode: config.haproxy.mode,
             metrics,
             lease: None,
-            backoff: Backoff::new(),
-            down_since: None,
+            outage: Outage::new(),
             last_json: None,
             last_write: None,
             members: Members::default(),
@@ -67,9 +66,8 @@ pub(super) struct Task {
     metrics: Arc<Metrics>,
     /// The lease held, if any: resumed after an outage, revoked on stop.
     lease: Option<i64>,
-    backoff: Backoff,
-    /// When the current outage began (None while etcd answers); one warning per outage.
-    down_since: Option<Instant>,
+    /// Since when etcd has been failing (a warning once per outage), the backoff.
+    outage: Outage,
     /// What was last written, and when.
     last_json: Option<String>,
     last_write: Option<tokio::time::Instant>,
@@ -122,15 +120,13 @@ impl Task {
     /// Logs a failure (a warning once per outage) and waits the backoff. True when the stop
     /// came meanwhile.
     async fn wait_after(&mut self, f: EtcdFailure, stop: &mut oneshot::Receiver<()>) -> bool {
-        let floor = if f.kind == Kind::Auth {
-            BACKOFF_AUTH_MIN
-        } else {
-            Duration::ZERO
-        };
-        let delay = self.backoff.next(floor);
-        let retry_in = format!("{}ms", delay.as_millis());
-        if self.down_since.is_none() {
-            self.down_since = Some(Instant::now());
+        let Retry {
+            delay,
+            retry_in,
+            first,
+            ..
+        } = self.outage.failed(&f);
+        if first {
             let fix = if f.kind == Kind::Auth {
                 " (the etcd user needs write access to the fleet prefix and lease rights, or set [fleet] publish = false)"
             } else {
@@ -176,14 +172,14 @@ impl Task {
         let mut kv = client.kv_client();
         // Always written after a (re)connect: the key may be gone (a new lease, a restored etcd).
         self.publish(&mut kv, held.id(), true, user).await?;
-        if let Some(since) = self.down_since.take() {
+        if let Some(Recovered { down_for, .. }) = self.outage.recovered() {
             tracing::info!(
                 key = %self.key,
-                down_for = %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+                down_for,
                 "fleet view: etcd reachable again; this node's state is published"
             );
         }
-        self.backoff.reset();
+        self.outage.reset_backoff();
         let metrics = Arc::clone(&self.metrics);
         let mut refresh =
             tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);

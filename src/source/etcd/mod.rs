@@ -45,8 +45,8 @@ use self::state::{
 use super::{SourceError, Update};
 use crate::config::{Config, EtcdConfig, SourceKind};
 use crate::etcd::{
-    BACKOFF_AUTH_MIN, Backoff, Client, EventType, Failure, KEEP_ALIVE_TIMEOUT, Kind, MAX_MESSAGE,
-    Members, Pages, READ_TIMEOUT, WatchOptions, WatchResponse, backoff_sleep, connect_options,
+    Client, EventType, Failure, KEEP_ALIVE_TIMEOUT, Kind, MAX_MESSAGE, Members, Outage, Pages,
+    READ_TIMEOUT, Recovered, Retry, WatchOptions, WatchResponse, backoff_sleep, connect_options,
     dial_timeout, leader_known,
 };
 use crate::metrics::Metrics;
@@ -164,9 +164,7 @@ pub fn spawn_watch(
         dirty: false,
         revision: 0,
         next_revision: Vec::new(),
-        backoff: Backoff::new(),
-        down_since: None,
-        failures: 0,
+        outage: Outage::new(),
         watch_announced: false,
         metrics,
         members: Members::default(),
@@ -214,10 +212,8 @@ struct Watcher {
     revision: i64,
     /// Per prefix, where its watch resumes: every event before it has been applied.
     next_revision: Vec<i64>,
-    backoff: Backoff,
-    /// Since when etcd has been failing, and how many attempts failed since.
-    down_since: Option<Instant>,
-    failures: u32,
+    /// Since when etcd has been failing, how many attempts failed, the backoff.
+    outage: Outage,
     /// "etcd watch running" was logged at info since the last failure (a watch restarted by
     /// the periodic re-read is only logged at debug).
     watch_announced: bool,
@@ -313,7 +309,7 @@ impl Watcher {
                 }
                 WatchEnd::Failed(f) => {
                     if started.elapsed() >= HEALTHY_AFTER {
-                        self.backoff.reset();
+                        self.outage.reset_backoff();
                     }
                     self.members.failed(self.config.endpoints.len());
                     self.failed(f, "etcd watch failed; reconnecting").await;
@@ -326,44 +322,34 @@ impl Watcher {
     async fn failed(&mut self, f: Failure, what: &str) {
         self.watch_announced = false;
         self.metrics.source_down(what);
-        let since = *self.down_since.get_or_insert_with(Instant::now);
-        self.failures += 1;
-        let floor = if f.kind == Kind::Auth {
-            BACKOFF_AUTH_MIN
-        } else {
-            Duration::ZERO
-        };
-        let delay = self.backoff.next(floor);
-        let down_for =
-            humantime::format_duration(Duration::from_millis(since.elapsed().as_millis() as u64))
-                .to_string();
-        let retry_in = format!("{}ms", delay.as_millis());
+        let Retry {
+            delay,
+            attempts,
+            down_for,
+            retry_in,
+            ..
+        } = self.outage.failed(&f);
         if f.kind == Kind::Auth {
-            tracing::error!(error = %f, down_for, attempts = self.failures, retry_in, "{what}");
+            tracing::error!(error = %f, down_for, attempts, retry_in, "{what}");
         } else {
             let keeping = if self.have_state {
                 "keeping the last good state"
             } else {
                 "nothing is rendered before a first full read"
             };
-            tracing::warn!(error = %f, down_for, attempts = self.failures, retry_in, "{what}; {keeping}");
+            tracing::warn!(error = %f, down_for, attempts, retry_in, "{what}; {keeping}");
         }
         if backoff_sleep(&self.config, delay).await {
-            self.backoff.reset();
+            self.outage.reset_backoff();
         }
     }
 
     /// Called when etcd answered a full read or a watch was created.
     fn recovered(&mut self) {
         self.metrics.source_ok();
-        if let Some(since) = self.down_since.take() {
-            tracing::info!(
-                down_for = %humantime::format_duration(Duration::from_millis(since.elapsed().as_millis() as u64)),
-                attempts = self.failures,
-                "etcd reachable again"
-            );
+        if let Some(Recovered { down_for, attempts }) = self.outage.recovered() {
+            tracing::info!(down_for, attempts, "etcd reachable again");
         }
-        self.failures = 0;
     }
 
     /// Replaces the state with a full read, in one step.
