@@ -71,8 +71,8 @@ pub fn start(mode: Mode, json: bool) {
 /// bad one is returned as the message for a usage error.
 pub fn init_tracing(json: bool, ansi: bool, level: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level {level:?}: {e}"))?;
-    // Without `log_internal_errors(false)` a failed write is reported with `eprintln!`, which
-    // panics on a stderr whose reader has gone.
+    // Without `log_internal_errors(false)` a failed write is reported on stderr with the
+    // standard library's print macro, which panics on a stderr whose reader has gone.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
