@@ -39,17 +39,7 @@ pub enum Command {
     Run,
     /// Read the source once and render. Without --print or --diff: install and reload once,
     /// then exit (confd -onetime).
-    Render {
-        /// Print exactly the rendered bytes to stdout; write nothing, reload nothing.
-        #[arg(long, conflicts_with = "diff")]
-        print: bool,
-        /// Print a unified diff of the installed file against the render; write nothing.
-        #[arg(long)]
-        diff: bool,
-        /// Only this template (by its [[template]] name).
-        #[arg(long)]
-        template: Option<String>,
-    },
+    Render(RenderArgs),
     /// Render with the current data and prove it with `haproxy -c`; write nothing. Exit 0 when
     /// valid, 1 when not.
     Check {
@@ -65,6 +55,10 @@ pub enum Command {
     /// nothing under the watched prefixes changed after its revision. With --wait, the deploy
     /// gate: exit 0 once every live node has converged, 1 at the timeout naming the laggards.
     Fleet(FleetArgs),
+    /// A timeline, from etcd's history, of the instances that appeared, changed or left: time
+    /// where known, revision, key, old -> new address, weight and state, and whether a delete
+    /// or the end of a lease removed it. Bounded by compaction, and says so.
+    History(HistoryArgs),
     /// Print the version, the git commit, the HAProxy version found and, with the etcd source,
     /// the etcd server version (an unreachable etcd is reported, not fatal).
     Version,
@@ -76,6 +70,62 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout, generated from this command line.
     Manpage,
+}
+
+/// `haconfd render`: see src/commands.rs; the past is read through src/forensics/.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RenderArgs {
+    /// Print exactly the rendered bytes to stdout; write nothing, reload nothing.
+    #[arg(long, conflicts_with_all = ["diff", "explain"])]
+    pub print: bool,
+    /// Print a unified diff of the installed file against the render (with --from, of two
+    /// points in etcd's history); write nothing.
+    #[arg(long, conflicts_with = "explain")]
+    pub diff: bool,
+    /// Print the render with every line that came from the registry annotated with the keys
+    /// it came from (mod and create revisions), then every key left out and why.
+    #[arg(long)]
+    pub explain: bool,
+    /// With --explain: the same as JSON, for tools.
+    #[arg(long, requires = "explain")]
+    pub json: bool,
+    /// With --print or --explain: render the registry as it was at this etcd revision.
+    #[arg(long, value_name = "REV", conflicts_with = "at")]
+    pub revision: Option<i64>,
+    /// With --print or --explain: render what the fleet had applied at this time (RFC 3339,
+    /// like 2026-12-04T03:00:00Z), found through the nodes' published applies.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// With --diff: the older point, an etcd revision or an RFC 3339 time.
+    #[arg(long, value_name = "REV|TIME", requires = "diff")]
+    pub from: Option<String>,
+    /// With --diff --from: the newer point (default: now).
+    #[arg(long, value_name = "REV|TIME", requires = "from")]
+    pub to: Option<String>,
+    /// Only this template (by its [[template]] name).
+    #[arg(long)]
+    pub template: Option<String>,
+}
+
+/// `haconfd history`: see src/forensics/history.rs.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HistoryArgs {
+    /// Only this service's instances (and its route).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only changes this recent, like 1h or 30m (the start is found through the nodes'
+    /// published applies, else etcd's oldest revision).
+    #[arg(long, value_name = "DURATION", conflicts_with = "from")]
+    pub since: Option<String>,
+    /// Only changes from this etcd revision on.
+    #[arg(long, value_name = "REV")]
+    pub from: Option<i64>,
+    /// One JSON object per change, in a JSON array, for tools.
+    #[arg(long)]
+    pub json: bool,
+    /// etcd endpoint(s), overriding the config's [etcd] endpoints.
+    #[arg(long = "etcd", value_name = "URL")]
+    pub etcd: Vec<String>,
 }
 
 /// `haconfd fleet`: see src/fleet.rs.

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::apply::{self, Applier};
+use crate::cli::RenderArgs;
 use crate::config::{Config, ConfigError, ConfigSource, SourceKind};
 pub use crate::failure::{Failure, write_stdout};
 use crate::haproxy::install;
@@ -43,12 +44,8 @@ fn select<'a>(
 }
 
 /// `render --print`, `render --diff`, and `render` (one shot).
-pub async fn render(
-    cs: &ConfigSource,
-    print: bool,
-    diff: bool,
-    template: Option<&str>,
-) -> Result<(), Failure> {
+pub async fn render(cs: &ConfigSource, args: &RenderArgs) -> Result<(), Failure> {
+    let (print, diff, template) = (args.print, args.diff, args.template.as_deref());
     let config = cs.load()?;
     let mut templates = load_templates(&config)?;
     let update = read_source(&config).await?;

@@ -17,6 +17,7 @@
 //! - `reconfig` — the config file and templates read again (SIGHUP, an edit); unchanged bytes do nothing
 //! - `announce` — the presence sidecar: an instance's key under a lease
 //! - `fleet`    — each node's state published to etcd, and `haconfd fleet`: who has converged
+//! - `forensics` — the past: render at a revision, explain every line, a service's history
 //! - `daemon`   — `run`: setup, the tasks (source, file watch, signals, watchdog, admin), the reactor's applier
 //! - `commands` — the one-shot subcommands: render, check, version, completions, manpage
 //! - `failure`  — how a command ends when it does not succeed (its exit code); stdout writes
@@ -36,6 +37,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod failure;
 pub mod fleet;
+pub mod forensics;
 pub mod guard;
 pub mod haproxy;
 pub mod isolate;

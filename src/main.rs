@@ -26,11 +26,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
     match cli.command {
         Command::Run => haconfd::daemon::run(&cs).await,
-        Command::Render {
-            print,
-            diff,
-            template,
-        } => commands::render(&cs, print, diff, template.as_deref()).await,
+        Command::Render(args) => commands::render(&cs, &args).await,
+        Command::History(args) => haconfd::forensics::history::command(&cs, args).await,
         Command::Check { template } => commands::check(&cs, template.as_deref()).await,
         Command::Announce(args) => haconfd::announce::run(&cs, args).await,
         Command::Fleet(args) => haconfd::fleet::command(&cs, args).await,

@@ -16,6 +16,7 @@
 mod backoff;
 mod connect;
 mod failure;
+pub(crate) mod history;
 pub mod lease;
 mod pages;
 

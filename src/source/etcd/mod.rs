@@ -78,7 +78,7 @@ async fn read_all(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match read_all_once(client, prefixes, user).await {
+        match read_all_once(client, prefixes, 0, user, None).await {
             // A compaction that overtook the read between two pages: read again, now.
             Err(f) if f.kind == Kind::Compacted && attempt < READ_ATTEMPTS => {
                 tracing::info!(error = %f, "etcd compacted during a full read; reading again");
@@ -88,13 +88,16 @@ async fn read_all(
     }
 }
 
+/// Reads every prefix at `revision` (0: the current one), noting each key's revisions in
+/// `meta` when one is given.
 async fn read_all_once(
     client: &Client,
     prefixes: &[String],
+    mut revision: i64,
     user: Option<&str>,
+    mut meta: Option<&mut KeyRevisions>,
 ) -> Result<(i64, RawState), Failure> {
     let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-    let mut revision = 0;
     let mut state = RawState::new();
     for prefix in prefixes {
         let what = format!("read of prefix {prefix:?}");
@@ -102,6 +105,16 @@ async fn read_all_once(
         while let Some(page) = pages.next(&mut kv, &what, user).await? {
             for item in page.kvs {
                 let mod_revision = item.mod_revision();
+                if let Some(meta) = meta.as_deref_mut() {
+                    meta.insert(
+                        String::from_utf8_lossy(item.key()).into_owned(),
+                        KeyRevision {
+                            create_revision: item.create_revision(),
+                            mod_revision,
+                            lease: item.lease(),
+                        },
+                    );
+                }
                 let (k, v) = item.into_key_value();
                 let (k, held) = hold(prefixes, k, v);
                 state.insert(k, (held, mod_revision));
@@ -113,7 +126,7 @@ async fn read_all_once(
         }
         revision = pages.revision();
     }
-    if prefixes.is_empty() {
+    if prefixes.is_empty() && revision <= 0 {
         // Nothing to read; the revision still says where a watch would start.
         let mut client = client.clone();
         let status = tokio::time::timeout(READ_TIMEOUT, client.status())
@@ -135,6 +148,67 @@ pub async fn read_once(config: &EtcdConfig, prefixes: &[String]) -> Result<Updat
         .await
         .map_err(|f| SourceError::Etcd(f.to_string()))?;
     Ok(ScreenedState::build(prefixes, &state).update(revision))
+}
+
+/// When and how a key was last written, as etcd keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KeyRevision {
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    /// The key's lease; 0 for none.
+    pub lease: i64,
+}
+
+/// Every key read, by key (shown lossily when it is not UTF-8), with its revisions.
+pub type KeyRevisions = std::collections::BTreeMap<String, KeyRevision>;
+
+/// A read of the past (or of now) for the forensic commands: the update a live read would
+/// have produced, and each key's revisions.
+#[derive(Debug)]
+pub struct PastRead {
+    pub update: Update,
+    pub revisions: KeyRevisions,
+}
+
+/// Reads every key under `prefixes` at `revision` (0: now), screened, with each key's
+/// revisions. A compacted revision is an error that names the oldest revision still held; a
+/// revision etcd has not reached yet names the current one.
+pub async fn read_at(
+    config: &EtcdConfig,
+    prefixes: &[String],
+    revision: i64,
+) -> Result<PastRead, SourceError> {
+    let user = config.username.as_deref();
+    let (client, _) = Members::default()
+        .connect(config, connect_options)
+        .await
+        .map_err(|f| SourceError::Etcd(format!("{} ({})", f, config.endpoints.join(", "))))?;
+    let mut revisions = KeyRevisions::new();
+    let read = read_all_once(&client, prefixes, revision, user, Some(&mut revisions)).await;
+    let (revision, state) = match read {
+        Ok(read) => read,
+        Err(f) if f.kind == Kind::Compacted => {
+            let oldest = crate::etcd::history::oldest_revision(&client, user)
+                .await
+                .map_or_else(|e| format!("unknown ({e})"), |n| n.to_string());
+            return Err(SourceError::Etcd(format!(
+                "revision {revision} has been compacted: the oldest revision etcd still holds is {oldest}"
+            )));
+        }
+        Err(f) if f.to_string().contains("future revision") => {
+            let now = crate::etcd::history::current_revision(&client, user)
+                .await
+                .map_or_else(|e| format!("unknown ({e})"), |n| n.to_string());
+            return Err(SourceError::Etcd(format!(
+                "revision {revision} is in the future: etcd's current revision is {now}"
+            )));
+        }
+        Err(f) => return Err(SourceError::Etcd(f.to_string())),
+    };
+    Ok(PastRead {
+        update: ScreenedState::build(prefixes, &state).update(revision),
+        revisions,
+    })
 }
 
 /// Reads, sends the first [`Update`], then watches and sends a complete update after every
