@@ -10,7 +10,7 @@ use crate::config::{Config, ConfigError, ConfigSource, SourceKind};
 pub use crate::failure::{Failure, write_stdout};
 use crate::haproxy::install;
 use crate::metrics::Metrics;
-use crate::render::{Rendered, Templates};
+use crate::render::Templates;
 use crate::source::{self, Update};
 
 fn load_templates(config: &Config) -> Result<Templates, Failure> {
@@ -23,28 +23,11 @@ async fn read_source(config: &Config) -> Result<Update, Failure> {
         .map_err(|e| Failure::Runtime(e.into()))
 }
 
-fn select<'a>(
-    rendered: &'a [Rendered],
-    config: &Config,
-    name: Option<&str>,
-) -> Result<Vec<&'a Rendered>, Failure> {
-    match name {
-        Some(n) => {
-            if config.template(n).is_none() {
-                let names: Vec<&str> = config.templates.iter().map(|t| t.name.as_str()).collect();
-                return Err(Failure::Usage(format!(
-                    "--template {n:?}: no [[template]] has that name (configured: {})",
-                    names.join(", ")
-                )));
-            }
-            Ok(rendered.iter().filter(|r| r.template.name == n).collect())
-        }
-        None => Ok(rendered.iter().collect()),
-    }
-}
-
 /// `render --print`, `render --diff`, and `render` (one shot).
 pub async fn render(cs: &ConfigSource, args: &RenderArgs) -> Result<(), Failure> {
+    if args.explain || args.revision.is_some() || args.at.is_some() || args.from.is_some() {
+        return crate::forensics::past::command(cs, args).await;
+    }
     let (print, diff, template) = (args.print, args.diff, args.template.as_deref());
     let config = cs.load()?;
     let mut templates = load_templates(&config)?;
@@ -53,19 +36,8 @@ pub async fn render(cs: &ConfigSource, args: &RenderArgs) -> Result<(), Failure>
     if print || diff {
         let rendered = apply::render(&mut templates, &update, &metrics)
             .map_err(|e| Failure::Runtime(e.into()))?;
-        let mut chosen = select(&rendered, &config, template)?;
-        if print && chosen.len() > 1 && template.is_none() {
-            // Several files (a host map beside haproxy.cfg): print the HAProxy one.
-            if let Some(main) = config.haproxy_template() {
-                chosen.retain(|r| r.template.name == main.name);
-            }
-        }
-        if print && chosen.len() > 1 {
-            return Err(Failure::Usage(format!(
-                "{} templates are configured: choose one with --template",
-                chosen.len()
-            )));
-        }
+        let chosen =
+            crate::render::choose(&rendered, &config, template, print).map_err(Failure::Usage)?;
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         for r in chosen {
@@ -132,7 +104,7 @@ pub async fn check(cs: &ConfigSource, template: Option<&str>) -> Result<(), Fail
     }
     let mut failed = 0;
     let check = install::Check::of(&config.haproxy);
-    for r in select(&rendered, &config, template)? {
+    for r in crate::render::choose(&rendered, &config, template, false).map_err(Failure::Usage)? {
         if !r.template.check {
             tracing::info!(template = %r.template.name, "check = false: rendered, not proven");
             continue;

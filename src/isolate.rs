@@ -32,7 +32,7 @@ pub fn error_lines(output: &str, file: &str) -> Vec<usize> {
 }
 
 /// Whether `token` names `backend`: the backend itself, or an ACL built on it (`host_be_x`).
-fn names_backend(token: &str, backend: &str) -> bool {
+pub(crate) fn names_backend(token: &str, backend: &str) -> bool {
     token == backend
         || token
             .strip_suffix(backend)

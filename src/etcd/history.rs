@@ -12,13 +12,16 @@ use std::time::Duration;
 
 use etcd_client::{Client, EventType, WatchOptions};
 
-use super::{Failure, Kind, MAX_MESSAGE, pages::prefix_end};
+use super::{Failure, Kind, pages::prefix_end};
 
 /// How long a replay may take in all: a few hundred changes take milliseconds.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often a replay asks whether it has caught up (etcd answers a progress request only once
-/// every event up to its current revision has been sent).
-const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+/// The largest watch answer a replay decodes. etcd sends a replay in batches of up to 1,000
+/// revisions, each change with its previous pair; the registry's are small, but the replay sees
+/// every key of the key space.
+const REPLAY_MESSAGE: usize = 64 << 20;
+/// At most this many changes under the prefix are looked at in one replay.
+const MAX_SEEN: usize = 1_000_000;
 
 /// One pair as etcd stored it at some revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,24 +78,9 @@ pub(crate) async fn changes(
     user: Option<&str>,
 ) -> Result<Changes, Failure> {
     let mut out = Changes::default();
-    if from > to {
-        return Ok(out);
-    }
-    let work = replay(
-        client,
-        prefix,
-        prefix_end(prefix),
-        from,
-        to,
-        limit,
-        user,
-        &mut out,
-    );
-    match tokio::time::timeout(REPLAY_TIMEOUT, work).await {
-        Ok(Ok(Replayed::Done)) => Ok(out),
-        Ok(Ok(Replayed::Compacted(oldest))) => Err(compacted(from, oldest)),
-        Ok(Err(f)) => Err(f),
-        Err(_) => Err(Failure::timeout("history replay", REPLAY_TIMEOUT)),
+    match replay(client, prefix, from, to, limit, user, &mut out).await? {
+        Replayed::Done => Ok(out),
+        Replayed::Compacted(oldest) => Err(compacted(from, oldest)),
     }
 }
 
@@ -103,82 +91,92 @@ enum Replayed {
     Compacted(i64),
 }
 
-#[allow(clippy::too_many_arguments)]
-
+/// Replays every change from `from` to `to` and keeps those under `prefix` in `out`.
+///
+/// How it knows it has seen everything up to `to`: etcd 3.4 answers a progress request at
+/// once, whether or not a watch that started in the past has caught up, so a progress answer
+/// proves nothing. Every revision, though, is made by a change to some key. The replay
+/// therefore watches the whole key space and filters by prefix itself: once a change at `to`
+/// (or later) has arrived, every change before it has too.
 async fn replay(
     client: &Client,
-    key: &[u8],
-    range_end: Vec<u8>,
+    prefix: &[u8],
     from: i64,
     to: i64,
     limit: usize,
     user: Option<&str>,
     out: &mut Changes,
 ) -> Result<Replayed, Failure> {
-    let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-    let options = WatchOptions::new()
-        .with_range(range_end)
-        .with_prev_key()
-        .with_start_revision(from);
-    let mut stream = wc
-        .watch(key.to_vec(), Some(options))
-        .await
-        .map_err(|e| Failure::from_etcd("history watch", &e, user))?;
-    let mut progress = tokio::time::interval(PROGRESS_EVERY);
-    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut created = false;
-    loop {
-        tokio::select! {
-            msg = stream.message() => {
-                let resp = match msg {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => return Err(Failure::new(Kind::Unavailable, "etcd ended the history watch")),
-                    Err(e) => return Err(Failure::from_etcd("history watch", &e, user)),
-                };
-                if resp.compact_revision() > 0 {
-                    return Ok(Replayed::Compacted(resp.compact_revision()));
-                }
-                if resp.canceled() {
+    // Revision 1 is an empty store: no change made it.
+    let from = from.max(1);
+    if from > to || to <= 1 {
+        return Ok(Replayed::Done);
+    }
+    let end = prefix_end(prefix);
+    let under = |key: &[u8]| key >= prefix && (end == [0] || key < end.as_slice());
+    let work = async {
+        let mut wc = client
+            .watch_client()
+            .max_decoding_message_size(REPLAY_MESSAGE);
+        let options = WatchOptions::new()
+            .with_all_keys()
+            .with_prev_key()
+            .with_start_revision(from);
+        let mut stream = wc
+            .watch(Vec::new(), Some(options))
+            .await
+            .map_err(|e| Failure::from_etcd("history watch", &e, user))?;
+        let mut seen = 0usize;
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
                     return Err(Failure::new(
-                        Kind::Other,
-                        format!("etcd canceled the history watch: {}", resp.cancel_reason()),
+                        Kind::Unavailable,
+                        "etcd ended the history watch",
                     ));
                 }
-                created |= resp.created();
-                for event in resp.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    if kv.mod_revision() > to {
-                        return Ok(Replayed::Done);
-                    }
-                    if out.changes.len() >= limit {
-                        out.truncated = true;
-                        return Ok(Replayed::Done);
-                    }
-                    let put = (event.event_type() == EventType::Put).then(|| Pair::of(kv));
-                    out.changes.push(Change {
-                        revision: kv.mod_revision(),
-                        key: kv.key().to_vec(),
-                        put,
-                        prev: event.prev_kv().map(Pair::of),
-                    });
-                }
-                // A progress answer (no events) at or past `to`: every change up to it is here.
-                let at = resp.header().map_or(0, |h| h.revision());
-                if resp.events().is_empty() && !resp.created() && at >= to {
-                    return Ok(Replayed::Done);
-                }
-                if out.changes.last().is_some_and(|c| c.revision >= to) {
-                    return Ok(Replayed::Done);
-                }
+                Err(e) => return Err(Failure::from_etcd("history watch", &e, user)),
+            };
+            if resp.compact_revision() > 0 {
+                return Ok(Replayed::Compacted(resp.compact_revision()));
             }
-            _ = progress.tick(), if created => {
-                stream
-                    .request_progress()
-                    .await
-                    .map_err(|e| Failure::from_etcd("history progress request", &e, user))?;
+            if resp.canceled() {
+                return Err(Failure::new(
+                    Kind::Other,
+                    format!("etcd canceled the history watch: {}", resp.cancel_reason()),
+                ));
+            }
+            let mut reached = false;
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                if kv.mod_revision() >= to {
+                    reached = true;
+                }
+                if kv.mod_revision() > to || !under(kv.key()) {
+                    continue;
+                }
+                seen += 1;
+                if out.changes.len() >= limit || seen > MAX_SEEN {
+                    out.truncated = true;
+                    return Ok(Replayed::Done);
+                }
+                let put = (event.event_type() == EventType::Put).then(|| Pair::of(kv));
+                out.changes.push(Change {
+                    revision: kv.mod_revision(),
+                    key: kv.key().to_vec(),
+                    put,
+                    prev: event.prev_kv().map(Pair::of),
+                });
+            }
+            if reached {
+                return Ok(Replayed::Done);
             }
         }
-    }
+    };
+    tokio::time::timeout(REPLAY_TIMEOUT, work)
+        .await
+        .map_err(|_| Failure::timeout("history replay", REPLAY_TIMEOUT))?
 }
 
 fn compacted(asked: i64, oldest: i64) -> Failure {
@@ -190,18 +188,15 @@ fn compacted(asked: i64, oldest: i64) -> Failure {
     )
 }
 
-/// The oldest revision etcd still holds (1 when it has never been compacted), learnt from a
-/// watch that starts at revision 1 on a key nobody writes.
+/// The oldest revision etcd still holds (1 when it has never been compacted): a replay from
+/// revision 1 is canceled at once with it, or starts.
 pub(crate) async fn oldest_revision(client: &Client, user: Option<&str>) -> Result<i64, Failure> {
-    let to = current_revision(client, user).await?;
-    let key = b"\0haconfd-oldest-revision";
+    let now = current_revision(client, user).await?;
+    // Nothing is kept: the replay stops at the first change, or is told where history begins.
     let mut none = Changes::default();
-    let work = replay(client, key, Vec::new(), 1, to, 0, user, &mut none);
-    match tokio::time::timeout(REPLAY_TIMEOUT, work).await {
-        Ok(Ok(Replayed::Done)) => Ok(1),
-        Ok(Ok(Replayed::Compacted(oldest))) => Ok(oldest),
-        Ok(Err(f)) => Err(f),
-        Err(_) => Err(Failure::timeout("watch", REPLAY_TIMEOUT)),
+    match replay(client, b"", 1, now, 0, user, &mut none).await? {
+        Replayed::Compacted(oldest) => Ok(oldest),
+        Replayed::Done => Ok(1),
     }
 }
 

@@ -14,7 +14,9 @@ use crate::etcd::{Client, Members, connect_options};
 use crate::failure::Failure;
 
 pub mod clock;
+pub mod explain;
 pub mod history;
+pub mod past;
 
 pub use clock::{Clock, Record};
 

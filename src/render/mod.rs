@@ -298,6 +298,43 @@ impl Templates {
     }
 }
 
+/// The renders a command shows: the one named by `--template`, or every one; with `one` (a
+/// print, which writes one file's bytes), the HAProxy file when there are several. The error
+/// is the usage problem, for the operator.
+pub fn choose<'a>(
+    rendered: &'a [Rendered],
+    config: &Config,
+    name: Option<&str>,
+    one: bool,
+) -> Result<Vec<&'a Rendered>, String> {
+    let mut chosen: Vec<&Rendered> = match name {
+        Some(n) => {
+            if config.template(n).is_none() {
+                let names: Vec<&str> = config.templates.iter().map(|t| t.name.as_str()).collect();
+                return Err(format!(
+                    "--template {n:?}: no [[template]] has that name (configured: {})",
+                    names.join(", ")
+                ));
+            }
+            rendered.iter().filter(|r| r.template.name == n).collect()
+        }
+        None => rendered.iter().collect(),
+    };
+    if one && chosen.len() > 1 {
+        // Several files (a host map beside haproxy.cfg): the HAProxy one.
+        if let Some(main) = config.haproxy_template() {
+            chosen.retain(|r| r.template.name == main.name);
+        }
+        if chosen.len() > 1 {
+            return Err(format!(
+                "{} templates are configured: choose one with --template",
+                chosen.len()
+            ));
+        }
+    }
+    Ok(chosen)
+}
+
 /// One rendered file, not yet installed.
 #[derive(Debug, Clone)]
 pub struct Rendered {
