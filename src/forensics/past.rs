@@ -52,39 +52,40 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
     Failure::Runtime(e.into())
 }
 
-/// Where `point` is in etcd's history: its revision, and how it is labelled in output.
-fn resolve(point: Point, clock: &Clock, now: i64) -> Result<(i64, String), Failure> {
-    let revision = match point {
-        Point::Revision(r) => r,
-        Point::Now => now,
-        Point::Time(t) => {
-            let Some(record) = clock.revision_at(t) else {
-                let why = if clock.is_empty() {
-                    "no node has published an apply that etcd still holds ([fleet] publish, and compaction, bound what --at can find)".to_owned()
-                } else {
-                    "no node had published an apply by then".to_owned()
-                };
-                return Err(Failure::Runtime(anyhow::anyhow!(
-                    "{}: {why} (fix: give a revision instead; `haconfd history` lists them)",
-                    humantime::format_rfc3339_seconds(t)
-                )));
-            };
-            tracing::info!(
-                at = %humantime::format_rfc3339_seconds(t),
-                revision = record.revision,
-                node = %record.node,
-                applied_at = %humantime::format_rfc3339_seconds(record.at),
-                "the fleet had applied this revision by then"
-            );
-            record.revision
-        }
+/// Where `point` is in etcd's history: its revision. A time is looked up in the fleet's
+/// published applies ([`Clock::revision_at_time`]).
+async fn resolve(point: Point, etcd: &Etcd, fleet_prefix: &str, now: i64) -> Result<i64, Failure> {
+    let t = match point {
+        Point::Revision(r) => return Ok(r),
+        Point::Now => return Ok(now),
+        Point::Time(t) => t,
     };
-    let label = if revision == now {
+    let found = Clock::revision_at_time(&etcd.client, fleet_prefix, t, etcd.user())
+        .await
+        .map_err(|f| runtime(anyhow::anyhow!("etcd: {f}")))?;
+    let Some(record) = found else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{}: no node had published an apply by then, in the history etcd still holds ([fleet] publish, and compaction, bound what a time can find) (fix: give a revision instead; `haconfd history` lists them)",
+            humantime::format_rfc3339_seconds(t)
+        )));
+    };
+    tracing::info!(
+        at = %humantime::format_rfc3339_seconds(t),
+        revision = record.revision,
+        node = %record.node,
+        applied_at = %humantime::format_rfc3339_seconds(record.at),
+        "the fleet had applied this revision by then"
+    );
+    Ok(record.revision)
+}
+
+/// How a revision is labelled in a diff header.
+fn label(revision: i64, clock: &Clock, now: i64) -> String {
+    if revision == now {
         format!("revision {revision} (now)")
     } else {
         format!("revision {revision} ({})", clock.describe(revision))
-    };
-    Ok((revision, label))
+    }
 }
 
 /// Reads the registry at `revision` (0: now).
@@ -167,10 +168,7 @@ pub async fn command(cs: &ConfigSource, args: &RenderArgs) -> Result<(), Failure
         (None, None) => Point::Now,
     };
     let revision = match (&etcd, point) {
-        (Some(e), Point::Time(_)) => {
-            let clock = e.clock(&config.fleet.prefix, 1, now).await;
-            resolve(point, &clock, now)?.0
-        }
+        (Some(e), Point::Time(_)) => resolve(point, e, &config.fleet.prefix, now).await?,
         (_, Point::Revision(r)) => r,
         _ => 0,
     };
@@ -208,16 +206,11 @@ async fn diff(
     now: i64,
     args: &RenderArgs,
 ) -> Result<(), Failure> {
-    // Times are looked up in every fleet write etcd holds; revisions only need the writes
-    // from the older one on.
-    let start = match (from, to) {
-        (Point::Revision(a), Point::Revision(b)) => a.min(b),
-        (Point::Revision(a), Point::Now) => a,
-        _ => 1,
-    };
-    let clock = etcd.clock(&config.fleet.prefix, start, now).await;
-    let (a, a_label) = resolve(from, &clock, now)?;
-    let (b, b_label) = resolve(to, &clock, now)?;
+    let a = resolve(from, etcd, &config.fleet.prefix, now).await?;
+    let b = resolve(to, etcd, &config.fleet.prefix, now).await?;
+    // The headers' times: the fleet's applies from the older point on.
+    let clock = etcd.clock(&config.fleet.prefix, a.min(b), now).await;
+    let (a_label, b_label) = (label(a, &clock, now), label(b, &clock, now));
     let old = read(config, a).await?;
     let new = read(config, if b == now { 0 } else { b }).await?;
     let (old_rendered, _, _) = render_update(templates, &old.update)?;
