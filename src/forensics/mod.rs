@@ -26,15 +26,21 @@ pub struct Etcd {
     pub config: EtcdConfig,
 }
 
+/// The config's etcd settings; `what` names the command in the error a file source gets
+/// (exit 64: the file source keeps no history).
+pub fn etcd_config<'a>(config: &'a Config, what: &str) -> Result<&'a EtcdConfig, Failure> {
+    match &config.source.kind {
+        SourceKind::Etcd(etcd) => Ok(etcd),
+        SourceKind::File(_) => Err(Failure::Usage(format!(
+            "{what} reads etcd's history, and the file source keeps none (fix: use a config whose [source] kind = \"etcd\")"
+        ))),
+    }
+}
+
 impl Etcd {
-    /// Connects to the config's etcd; `what` names the command in the error a file source gets
-    /// (exit 64: the file source keeps no history).
+    /// Connects to the config's etcd (see [`etcd_config`]).
     pub async fn connect(config: &Config, what: &str) -> Result<Etcd, Failure> {
-        let SourceKind::Etcd(etcd) = &config.source.kind else {
-            return Err(Failure::Usage(format!(
-                "{what} reads etcd's history, and the file source keeps none (fix: use a config whose [source] kind = \"etcd\")"
-            )));
-        };
+        let etcd = etcd_config(config, what)?;
         let (client, _) = Members::default()
             .connect(etcd, connect_options)
             .await
@@ -45,6 +51,13 @@ impl Etcd {
             client,
             config: etcd.clone(),
         })
+    }
+
+    /// etcd's current revision.
+    pub async fn now(&self) -> Result<i64, Failure> {
+        crate::etcd::history::current_revision(&self.client, self.user())
+            .await
+            .map_err(|f| Failure::Runtime(anyhow::anyhow!("etcd: {f}")))
     }
 
     /// The user the connection authenticates as, for error messages.

@@ -9,7 +9,7 @@ use super::explain::{self, Explanation, Inputs};
 use super::{Clock, Etcd};
 use crate::cli::RenderArgs;
 use crate::config::{Config, ConfigSource, SourceKind};
-use crate::etcd::{GetOptions, history};
+use crate::etcd::GetOptions;
 use crate::failure::{Failure, write_stdout};
 use crate::fleet::NodeState;
 use crate::model::Registry;
@@ -127,50 +127,37 @@ pub async fn command(cs: &ConfigSource, args: &RenderArgs) -> Result<(), Failure
     }
     let config = cs.load()?;
     let mut templates = Templates::load(&config).map_err(runtime)?;
-    let history_needed = past || args.from.is_some();
-    let etcd = if history_needed {
-        let flag = if args.from.is_some() {
-            "--from"
-        } else {
-            "--revision"
-        };
-        Some(Etcd::connect(&config, flag).await?)
-    } else {
-        None
-    };
-    let now = match &etcd {
-        Some(e) => history::current_revision(&e.client, e.user())
-            .await
-            .map_err(|f| runtime(anyhow::anyhow!("etcd: {f}")))?,
-        None => 0,
-    };
     if let Some(from) = &args.from {
         let from = Point::parse(from, "--from")?;
         let to = match &args.to {
             Some(t) => Point::parse(t, "--to")?,
             None => Point::Now,
         };
-        let etcd = etcd
-            .as_ref()
-            .ok_or_else(|| runtime(anyhow::anyhow!("no etcd")))?;
-        return diff(&config, &mut templates, etcd, (from, to), now, args).await;
+        let etcd = Etcd::connect(&config, "--from").await?;
+        return diff(&config, &mut templates, &etcd, (from, to), args).await;
     }
-    let point = match (args.revision, &args.at) {
-        (Some(r), _) => Point::parse(&r.to_string(), "--revision")?,
-        (None, Some(at)) => match Point::parse(at, "--at")? {
-            Point::Time(t) => Point::Time(t),
-            _ => {
+    let revision = match (args.revision, &args.at) {
+        (Some(r), _) => {
+            super::etcd_config(&config, "--revision")?;
+            if r <= 0 {
+                return Err(Failure::Usage(format!(
+                    "--revision {r}: etcd revisions start at 1 (fix: give a revision from `haconfd history`)"
+                )));
+            }
+            r
+        }
+        (None, Some(at)) => {
+            let Point::Time(t) = Point::parse(at, "--at")? else {
                 return Err(Failure::Usage(format!(
                     "--at {at:?}: not a time (fix: a UTC time like 2026-12-04T03:00:00Z; a revision goes to --revision)"
                 )));
-            }
-        },
-        (None, None) => Point::Now,
-    };
-    let revision = match (&etcd, point) {
-        (Some(e), Point::Time(_)) => resolve(point, e, &config.fleet.prefix, now).await?,
-        (_, Point::Revision(r)) => r,
-        _ => 0,
+            };
+            let etcd = Etcd::connect(&config, "--at").await?;
+            let now = etcd.now().await?;
+            resolve(Point::Time(t), &etcd, &config.fleet.prefix, now).await?
+        }
+        // Now.
+        (None, None) => 0,
     };
     let read = read(&config, revision).await?;
     if args.explain {
@@ -203,9 +190,9 @@ async fn diff(
     templates: &mut Templates,
     etcd: &Etcd,
     (from, to): (Point, Point),
-    now: i64,
     args: &RenderArgs,
 ) -> Result<(), Failure> {
+    let now = etcd.now().await?;
     let a = resolve(from, etcd, &config.fleet.prefix, now).await?;
     let b = resolve(to, etcd, &config.fleet.prefix, now).await?;
     // The headers' times: the fleet's applies from the older point on.
