@@ -387,7 +387,6 @@ async fn status(client: &Client, user: Option<&str>) -> Result<StatusResponse, F
 
 /// Whether lease `id` still exists (granted, and not yet revoked or removed at its expiry). etcd
 /// answers a TTL of -1 for a lease it does not know, and 0 for one with less than a second left.
-#[allow(dead_code)] // used by `history` (next commit)
 pub(crate) async fn lease_alive(
     client: &Client,
     id: i64,

@@ -33,6 +33,11 @@ impl Etcd {
                 "{what} reads etcd's history, and the file source keeps none (fix: use a config whose [source] kind = \"etcd\")"
             )));
         };
+        Etcd::connect_to(etcd).await
+    }
+
+    /// Connects to the etcd `etcd` describes (a config's `[etcd]` with `--etcd` applied).
+    pub async fn connect_to(etcd: &EtcdConfig) -> Result<Etcd, Failure> {
         let (client, _) = Members::default()
             .connect(etcd, connect_options)
             .await
