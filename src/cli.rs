@@ -120,7 +120,8 @@ pub struct HistoryArgs {
     /// Only changes from this etcd revision on.
     #[arg(long, value_name = "REV")]
     pub from: Option<i64>,
-    /// One JSON object per change, in a JSON array, for tools.
+    /// One JSON object, for tools: the range (from, to, oldest, compacted_before, truncated)
+    /// and `changes`, an array of one object per change.
     #[arg(long)]
     pub json: bool,
     /// etcd endpoint(s), overriding the config's [etcd] endpoints.

@@ -40,7 +40,11 @@ pub fn etcd_config<'a>(config: &'a Config, what: &str) -> Result<&'a EtcdConfig,
 impl Etcd {
     /// Connects to the config's etcd (see [`etcd_config`]).
     pub async fn connect(config: &Config, what: &str) -> Result<Etcd, Failure> {
-        let etcd = etcd_config(config, what)?;
+        Etcd::connect_to(etcd_config(config, what)?).await
+    }
+
+    /// Connects to the etcd `etcd` describes (a config's `[etcd]` with `--etcd` applied).
+    pub async fn connect_to(etcd: &EtcdConfig) -> Result<Etcd, Failure> {
         let (client, _) = Members::default()
             .connect(etcd, connect_options)
             .await

@@ -108,6 +108,13 @@ fn parse_instance(id: &str, value: &str) -> Result<Instance, String> {
     })
 }
 
+impl Route {
+    /// Parses a `/routes/<service>` value as the registry does; the error never holds the value.
+    pub fn parse(value: &str) -> Result<Route, String> {
+        parse_route(value)
+    }
+}
+
 fn parse_route(value: &str) -> Result<Route, String> {
     let raw: RawRoute = serde_json::from_str(value).map_err(|e| json_problem(&e))?;
     if raw.hosts.len() > 64 || raw.paths.len() > 64 {
