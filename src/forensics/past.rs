@@ -237,9 +237,7 @@ async fn node_state(config: &Config) -> Option<NodeState> {
     }
     let key = format!("{}{}", config.fleet.prefix, config.fleet.node);
     let got = async {
-        let options = crate::etcd::connect_options(etcd).ok()?;
-        let (client, _) = crate::etcd::connect_with(etcd, options).await.ok()?;
-        let mut kv = client.kv_client();
+        let mut kv = Etcd::connect_to(etcd).await.ok()?.client.kv_client();
         let resp = kv.get(key.clone(), None::<GetOptions>).await.ok()?;
         let item = resp.kvs().first()?;
         serde_json::from_slice::<NodeState>(item.value()).ok()
@@ -261,6 +259,21 @@ fn explain_command(
     let (rendered, registry, parsed_out) = render_update(templates, &read.update)?;
     let chosen = render::choose(&rendered, config, args.template.as_deref(), true)
         .map_err(Failure::Usage)?;
+    // What this explanation cannot know about the node's guard and isolation, if anything.
+    let past = args.revision.is_some() || args.at.is_some();
+    let note = match (&config.source.kind, node) {
+        (SourceKind::File(_), _) => Some(
+            "the file source: what the guard or haproxy -c hold back on a running node is in its log and /metrics".to_owned(),
+        ),
+        _ if past => Some(
+            "a past revision: what the guard or haproxy -c held back then is not recorded".to_owned(),
+        ),
+        (_, None) => Some(format!(
+            "node {:?} publishes no state ([fleet] publish, or etcd did not answer): what its guard or haproxy -c hold back is unknown here",
+            config.fleet.node
+        )),
+        _ => None,
+    };
     for r in chosen {
         let text = String::from_utf8_lossy(&r.bytes);
         let dest = r.template.dest.display().to_string();
@@ -275,19 +288,7 @@ fn explain_command(
             parsed_out: &parsed_out,
             node,
         });
-        match (&config.source.kind, node, args.revision.or(args.at.as_ref().map(|_| 0))) {
-            (SourceKind::File(_), _, _) => explanation.notes.push(
-                "the file source: what the guard or haproxy -c hold back on a running node is in its log and /metrics".into(),
-            ),
-            (_, None, None) => explanation.notes.push(format!(
-                "node {:?} publishes no state ([fleet] publish, or etcd did not answer): what its guard or haproxy -c hold back is unknown here",
-                config.fleet.node
-            )),
-            (_, _, Some(_)) => explanation.notes.push(
-                "a past revision: what the guard or haproxy -c held back then is not recorded".into(),
-            ),
-            _ => {}
-        }
+        explanation.notes.extend(note.clone());
         let out = if args.json {
             explanation.json()
         } else {
