@@ -26,7 +26,9 @@ pub struct Slots {
 
 #[derive(Debug, Clone)]
 struct Memo {
-    input: Arc<Service>,
+    /// The parsed service, until [`Slots::forget_parsed`]: once the parse cache has adopted
+    /// `output`, holding it would keep a second copy of every service alive.
+    input: Option<Arc<Service>>,
     output: Arc<Service>,
     regrown: bool,
 }
@@ -53,7 +55,8 @@ impl Slots {
             // did not.
             // The same goes for what it became: the parse cache adopts slotted services.
             if let Some(m) = self.last.get(&service.backend)
-                && (Arc::ptr_eq(&m.input, service) || Arc::ptr_eq(&m.output, service))
+                && (m.input.as_ref().is_some_and(|i| Arc::ptr_eq(i, service))
+                    || Arc::ptr_eq(&m.output, service))
                 && (m.regrown || !regrow)
             {
                 *service = Arc::clone(&m.output);
@@ -117,7 +120,7 @@ impl Slots {
                 service.slots = slots;
             }
             let memo = Memo {
-                input,
+                input: Some(input),
                 output: Arc::clone(service),
                 regrown: regrow,
             };
@@ -131,8 +134,20 @@ impl Slots {
     pub fn slotted(&self, parsed: &Arc<Service>) -> Option<&Arc<Service>> {
         self.last
             .get(&parsed.backend)
-            .filter(|m| Arc::ptr_eq(&m.input, parsed))
+            .filter(|m| m.input.as_ref().is_some_and(|i| Arc::ptr_eq(i, parsed)))
             .map(|m| &m.output)
+    }
+
+    /// Lets go of the parsed services `assign` was given, keeping what they became: call it
+    /// once the parse cache has adopted the slotted services (`ParseCache::adopt` with
+    /// [`Slots::slotted`]), which it hands out from then on. Until then each service lives
+    /// twice, parsed and slotted: 5 MB of the heap at 2,000x10. A service the cache did not
+    /// adopt (one the guard held back) is slotted again at the next apply: same layout, same
+    /// result.
+    pub fn forget_parsed(&mut self) {
+        for m in self.last.values_mut() {
+            m.input = None;
+        }
     }
 }
 
@@ -245,5 +260,36 @@ mod tests {
         };
         slots.assign(&mut same, 2, true);
         assert_eq!(layout(&same).len(), 5);
+    }
+
+    #[test]
+    fn forgetting_the_parsed_services_keeps_one_copy_and_the_same_results() {
+        let mut slots = Slots::default();
+        let mut r = registry(&["a", "b"]);
+        let parsed = Arc::clone(&r.services[0]);
+        slots.assign(&mut r, 2, true);
+        let slotted = Arc::clone(&r.services[0]);
+        assert_eq!(
+            Arc::strong_count(&parsed),
+            2,
+            "the memo holds the parsed copy"
+        );
+        assert!(slots.slotted(&parsed).is_some());
+        slots.forget_parsed();
+        // Only this test holds the parsed copy now: the daemon's would be freed.
+        assert_eq!(Arc::strong_count(&parsed), 1);
+        assert!(slots.slotted(&parsed).is_none());
+        // What it became (which the parse cache adopted) still comes back as it is.
+        let mut adopted = Registry {
+            services: vec![Arc::clone(&slotted)],
+        };
+        slots.assign(&mut adopted, 2, false);
+        assert!(Arc::ptr_eq(&adopted.services[0], &slotted));
+        // The parsed copy, seen again (a service the cache did not adopt), slots the same.
+        let mut again = Registry {
+            services: vec![parsed],
+        };
+        slots.assign(&mut again, 2, true);
+        assert_eq!(layout(&again), layout(&adopted));
     }
 }
