@@ -401,13 +401,14 @@ impl<D: Deploy> Applier<D> {
         }
     }
 
-    /// Assigns server slots. The cache keeps the slotted services from now on, and the parsed
-    /// copies are freed before the render's values are built: one copy of each service lives.
+    /// Assigns server slots. The cache keeps each slotted service from now on, and its parsed
+    /// copy is freed as soon as it is slotted: one copy of each service lives.
     fn slot(&mut self, registry: &mut Registry, spare: usize, regrow: bool) {
-        self.slots.assign(registry, spare, regrow);
-        let slots = &self.slots;
-        self.parse_cache.adopt(|s| slots.slotted(s));
-        self.slots.forget_parsed();
+        let cache = &mut self.parse_cache;
+        self.slots
+            .assign_adopting(registry, spare, regrow, |parsed, slotted| {
+                cache.adopt(parsed, slotted)
+            });
     }
 
     fn render_registry(
