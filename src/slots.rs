@@ -11,14 +11,13 @@ use std::sync::Arc;
 
 use crate::model::{Registry, Service, Slot};
 
-/// Slot tables per backend, kept across applies.
+/// The slot layout of every backend, kept across applies.
 #[derive(Debug, Default, Clone)]
 pub struct Slots {
-    /// Per backend: slot index → instance id (None: free).
-    tables: HashMap<String, Vec<Option<String>>>,
     /// Per backend, what the service last given to `assign` became, and whether that pass
-    /// regrew the table. The same service (the parse cache adopts each slotted service and
-    /// hands out that `Arc` while its keys do not change) comes back without a look at its
+    /// regrew its slots. Its `slots` are the backend's table (slot → instance id): no copy of
+    /// the ids is kept beside it. The same service (the parse cache adopts each slotted service
+    /// and hands out that `Arc` while its keys do not change) comes back without a look at its
     /// slots, so an apply touches only the services that changed, and the render's value cache
     /// sees the same `Arc` for every other one.
     last: HashMap<String, Memo>,
@@ -54,75 +53,44 @@ impl Slots {
         mut adopt: impl FnMut(*const Service, &Arc<Service>),
     ) {
         if regrow {
-            // Backends that no longer exist lose their tables at a reload.
+            // Backends that no longer exist lose their slots at a reload.
             let live: std::collections::HashSet<&str> = registry
                 .services
                 .iter()
                 .map(|s| s.backend.as_str())
                 .collect();
-            self.tables.retain(|b, _| live.contains(b.as_str()));
             self.last.retain(|b, _| live.contains(b.as_str()));
         }
         for service in &mut registry.services {
-            // A service seen last time comes out as it did then: its table has not moved since
-            // (only this function changes it), unless this pass regrows a table the last one
-            // did not.
-            // The parse cache adopts slotted services: an unchanged one is what it became.
-            if let Some(m) = self.last.get(&service.backend)
+            let memo = self.last.get(&service.backend);
+            // A service seen last time comes out as it did then: its slots have not moved
+            // since (only this function moves them), unless this pass regrows slots the last
+            // one did not. The parse cache adopts slotted services: an unchanged one is what
+            // it became.
+            if let Some(m) = memo
                 && Arc::ptr_eq(&m.output, service)
                 && (m.regrown || !regrow)
             {
                 continue;
             }
-            // Identifies the parsed service for `adopt`, without holding it: a service no one
-            // else holds is slotted in place, not copied.
-            let parsed = Arc::as_ptr(service);
-            let table = match self.tables.get_mut(&service.backend) {
-                Some(t) => t,
-                None => self.tables.entry(service.backend.clone()).or_default(),
-            };
-            // Instances are sorted by id: find one by binary search, without a map.
-            let instances = &service.instances;
-            let find = |id: &str| instances.binary_search_by(|i| i.id.as_str().cmp(id)).ok();
-            // Free the slots of instances that are gone; note who already has one.
-            let mut placed = vec![false; service.instances.len()];
-            for slot in table.iter_mut() {
-                match slot.as_deref().map(find) {
-                    Some(Some(i)) => placed[i] = true,
-                    Some(None) => *slot = None,
-                    None => {}
-                }
-            }
-            for (i, inst) in service.instances.iter().enumerate() {
-                if placed[i] {
-                    continue;
-                }
-                match table.iter_mut().find(|s| s.is_none()) {
-                    Some(free) => *free = Some(inst.id.clone()),
-                    None => table.push(Some(inst.id.clone())),
-                }
-            }
-            if regrow {
-                let used = table.iter().rposition(Option::is_some).map_or(0, |p| p + 1);
-                let free_inside = table[..used].iter().filter(|s| s.is_none()).count();
-                let want = used + spare.saturating_sub(free_inside);
-                table.resize(want.max(used), None);
-            }
+            let layout = layout(memo.map(|m| &*m.output), service, spare, regrow);
             // Touch the service only when its layout changed, so that an unchanged service
             // stays shared with the previous registry (and with the render's value cache).
-            let same = service.slots.len() == table.len()
-                && service.slots.iter().zip(table.iter()).all(|(slot, id)| {
-                    let want = id.as_deref().and_then(find);
-                    slot.instance == want
+            let same = service.slots.len() == layout.len()
+                && service.slots.iter().zip(&layout).all(|(slot, want)| {
+                    slot.instance == *want
                         && want.is_none_or(|i| service.instances[i].name == slot.name)
                 });
             if !same {
-                let slots: Vec<Slot> = table
+                // Identifies the parsed service for `adopt`, without holding it: a service no
+                // one else holds is slotted in place, not copied.
+                let parsed = Arc::as_ptr(service);
+                let slots: Vec<Slot> = layout
                     .iter()
                     .enumerate()
-                    .map(|(n, id)| Slot {
+                    .map(|(n, instance)| Slot {
                         name: format!("srv{}", n + 1),
-                        instance: id.as_deref().and_then(find),
+                        instance: *instance,
                     })
                     .collect();
                 let slotted = Arc::make_mut(service);
@@ -138,9 +106,54 @@ impl Slots {
                 output: Arc::clone(service),
                 regrown: regrow,
             };
-            self.last.insert(service.backend.clone(), memo);
+            match self.last.get_mut(&service.backend) {
+                Some(m) => *m = memo,
+                None => {
+                    self.last.insert(service.backend.clone(), memo);
+                }
+            }
         }
     }
+}
+
+/// The slots of `service`, each an index into its instances or free, given `prev`, what the
+/// backend's service became at the last pass: each instance still there keeps its slot, a
+/// new one takes the first free slot (or a new one at the end).
+fn layout(
+    prev: Option<&Service>,
+    service: &Service,
+    spare: usize,
+    regrow: bool,
+) -> Vec<Option<usize>> {
+    // Instances are sorted by id: find one by binary search, without a map.
+    let instances = &service.instances;
+    let find = |id: &str| instances.binary_search_by(|i| i.id.as_str().cmp(id)).ok();
+    let mut placed = vec![false; instances.len()];
+    let mut table: Vec<Option<usize>> = match prev {
+        Some(p) => p
+            .slots
+            .iter()
+            .map(|slot| {
+                let i = find(&p.instances[slot.instance?].id)?;
+                placed[i] = true;
+                Some(i)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    for (i, _) in placed.iter().enumerate().filter(|(_, placed)| !**placed) {
+        match table.iter_mut().find(|s| s.is_none()) {
+            Some(free) => *free = Some(i),
+            None => table.push(Some(i)),
+        }
+    }
+    if regrow {
+        let used = table.iter().rposition(Option::is_some).map_or(0, |p| p + 1);
+        let free_inside = table[..used].iter().filter(|s| s.is_none()).count();
+        let want = used + spare.saturating_sub(free_inside);
+        table.resize(want.max(used), None);
+    }
+    table
 }
 
 #[cfg(test)]
