@@ -65,27 +65,54 @@ pub struct HaproxyView {
 /// registry to tera values is a third of a render at 2,000 services; a change touches one or
 /// two, so the others are reused (tera values share their maps by `Arc`). A service reused by
 /// the parse cache is the same `Arc`; any other is compared by value.
+/// The map is kept and updated in place: a render touches the entries of the services that
+/// changed, not a new map with a key per service (10,000 strings per render at 10,000x10).
 #[derive(Default)]
 struct ValueCache {
-    by_backend: HashMap<String, (Arc<Service>, Value)>,
+    by_backend: HashMap<String, Cached>,
+    /// Counts renders; an entry not seen by the current one belongs to a service that is gone.
+    generation: u64,
+}
+
+struct Cached {
+    service: Arc<Service>,
+    value: Value,
+    seen: u64,
 }
 
 impl ValueCache {
     fn services(&mut self, services: &[Arc<Service>]) -> Value {
-        let mut next = HashMap::with_capacity(services.len());
+        self.generation += 1;
+        let generation = self.generation;
         let values: Vec<Value> = services
             .iter()
-            .map(|s| {
-                let value = match self.by_backend.remove(&s.backend) {
-                    Some((old, v)) if Arc::ptr_eq(&old, s) || old == *s => v,
-                    _ => service_value(s),
-                };
-                next.insert(s.backend.clone(), (Arc::clone(s), value.clone()));
-                value
+            .map(|s| match self.by_backend.get_mut(&s.backend) {
+                Some(c) => {
+                    if !Arc::ptr_eq(&c.service, s) {
+                        if *c.service != **s {
+                            c.value = service_value(s);
+                        }
+                        c.service = Arc::clone(s);
+                    }
+                    c.seen = generation;
+                    c.value.clone()
+                }
+                None => {
+                    let value = service_value(s);
+                    let cached = Cached {
+                        service: Arc::clone(s),
+                        value: value.clone(),
+                        seen: generation,
+                    };
+                    self.by_backend.insert(s.backend.clone(), cached);
+                    value
+                }
             })
             .collect();
-        // Services that are gone drop out with the old map.
-        self.by_backend = next;
+        // Backends are unique: more entries than services means some services are gone.
+        if self.by_backend.len() > services.len() {
+            self.by_backend.retain(|_, c| c.seen == generation);
+        }
         Value::from(values)
     }
 }
@@ -361,6 +388,46 @@ fn report(e: &tera::Error) -> String {
 mod tests {
     use super::*;
     use crate::model::{Instance, Route, Slot, State};
+
+    #[test]
+    fn the_value_cache_follows_the_services_and_reuses_unchanged_ones() {
+        let service = |name: &str, port: u16| {
+            Arc::new(Service {
+                name: name.into(),
+                backend: format!("be_{name}"),
+                route: None,
+                instances: vec![Instance {
+                    id: "a".into(),
+                    name: "srv1".into(),
+                    host: "127.0.0.1".into(),
+                    port,
+                    addr: format!("127.0.0.1:{port}"),
+                    weight: 1,
+                    state: State::Ready,
+                    meta: Default::default(),
+                }],
+                slots: vec![Slot {
+                    name: "srv1".into(),
+                    instance: Some(0),
+                }],
+            })
+        };
+        let values = |v: Value| -> Vec<Value> { v.as_array().expect("array").to_vec() };
+        let mut cache = ValueCache::default();
+        let (a, b) = (service("a", 1), service("b", 2));
+        let first = values(cache.services(&[Arc::clone(&a), Arc::clone(&b)]));
+        assert_eq!(first, [service_value(&a), service_value(&b)]);
+        // b changes, c comes, a goes; an equal copy of an unchanged service is no change.
+        let (b2, c) = (service("b", 3), service("c", 4));
+        let again = values(cache.services(&[Arc::clone(&b2), Arc::clone(&c)]));
+        assert_eq!(again, [service_value(&b2), service_value(&c)]);
+        assert_eq!(cache.by_backend.len(), 2);
+        assert!(!cache.by_backend.contains_key("be_a"));
+        let copy = service("c", 4);
+        let third = values(cache.services(&[Arc::clone(&b2), Arc::clone(&copy)]));
+        assert_eq!(third, again);
+        assert!(Arc::ptr_eq(&cache.by_backend["be_c"].service, &copy));
+    }
 
     #[test]
     fn hand_built_values_equal_serialized_ones() {
