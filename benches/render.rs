@@ -118,7 +118,7 @@ fn main() {
             flip = !flip;
             let current = if flip { &other } else { &snap };
             let (mut registry, _) = Registry::parse_cached(current, &mut cache);
-            slots.assign(&mut registry, 4, false);
+            slots.assign_adopting(&mut registry, 4, false, |p, s| cache.adopt(p, s));
             match templates.render_all(current, &registry) {
                 Ok(r) => r,
                 Err(e) => panic!("render: {e}"),

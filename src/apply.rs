@@ -386,11 +386,7 @@ impl<D: Deploy> Applier<D> {
     ) -> Result<(Vec<Rendered>, Option<D::Plan>), ApplyError> {
         let spare = self.config.haproxy.spare_slots as usize;
         let runtime = self.deploy.runtime_ready();
-        self.slots.assign(registry, spare, !runtime);
-        // The cache keeps the slotted services from now on, and the parsed copies are freed
-        // before the render's values are built.
-        let slots = &self.slots;
-        self.parse_cache.adopt(|s| slots.slotted(s));
+        self.slot(registry, spare, !runtime);
         let rendered = self.render_registry(update, registry)?;
         if !runtime {
             return Ok((rendered, None));
@@ -399,10 +395,20 @@ impl<D: Deploy> Applier<D> {
             Ok(plan) => Ok((rendered, Some(plan))),
             Err(why) => {
                 tracing::debug!(reason = %why, "not a server-only change: reload");
-                self.slots.assign(registry, spare, true);
+                self.slot(registry, spare, true);
                 Ok((self.render_registry(update, registry)?, None))
             }
         }
+    }
+
+    /// Assigns server slots. The cache keeps each slotted service from now on, and its parsed
+    /// copy is freed as soon as it is slotted: one copy of each service lives.
+    fn slot(&mut self, registry: &mut Registry, spare: usize, regrow: bool) {
+        let cache = &mut self.parse_cache;
+        self.slots
+            .assign_adopting(registry, spare, regrow, |parsed, slotted| {
+                cache.adopt(parsed, slotted)
+            });
     }
 
     fn render_registry(

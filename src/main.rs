@@ -10,6 +10,12 @@ use haconfd::config::ConfigSource;
 use haconfd::failure::Failure;
 use haconfd::logging::{self, Mode};
 
+/// jemalloc, unless built without the `jemalloc` feature: a registry is mostly small strings
+/// and maps, which glibc's malloc rounds up to 32 bytes with a header each (Cargo.toml).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let json = cli.log_format == LogFormat::Json;
     logging::init_tracing(json, std::io::stderr().is_terminal(), &cli.log_level)

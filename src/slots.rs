@@ -11,22 +11,22 @@ use std::sync::Arc;
 
 use crate::model::{Registry, Service, Slot};
 
-/// Slot tables per backend, kept across applies.
+/// The slot layout of every backend, kept across applies.
 #[derive(Debug, Default, Clone)]
 pub struct Slots {
-    /// Per backend: slot index → instance id (None: free).
-    tables: HashMap<String, Vec<Option<String>>>,
-    /// Per backend, the service last given to `assign`, what it became, and whether that pass
-    /// regrew the table. The same service (the parse cache hands out the same `Arc` for
-    /// unchanged keys) gets the same slotted service back without a look at its slots, so an
-    /// apply touches only the services that changed, and the render's value cache sees the
-    /// same `Arc` for every other one.
+    /// Per backend, what the service last given to `assign` became, and whether that pass
+    /// regrew its slots. Its `slots` are the backend's table (slot → instance id): no copy of
+    /// the ids is kept beside it. The same service (the parse cache adopts each slotted service
+    /// and hands out that `Arc` while its keys do not change) comes back without a look at its
+    /// slots, so an apply touches only the services that changed, and the render's value cache
+    /// sees the same `Arc` for every other one.
     last: HashMap<String, Memo>,
 }
 
 #[derive(Debug, Clone)]
 struct Memo {
-    input: Arc<Service>,
+    /// Not the parsed service it came from: once adopted, that one would be a second copy of
+    /// the service, alive for nothing.
     output: Arc<Service>,
     regrown: bool,
 }
@@ -37,103 +37,123 @@ impl Slots {
     /// beyond its last occupied one (at least), so the structure may change; without it, slots
     /// are only added when a backend has no free one left.
     pub fn assign(&mut self, registry: &mut Registry, spare: usize, regrow: bool) {
+        self.assign_adopting(registry, spare, regrow, |_, _| {});
+    }
+
+    /// [`Slots::assign`], calling `adopt(parsed, slotted)` for each service as soon as it is
+    /// slotted anew, so that a parse cache keeps the slotted service in place of the parsed
+    /// one (`ParseCache::adopt`) and hands it out next time: the parsed copy is freed at once,
+    /// not after every service was slotted (during a burst that changes half the backends,
+    /// both copies of each of them were alive at once).
+    pub fn assign_adopting(
+        &mut self,
+        registry: &mut Registry,
+        spare: usize,
+        regrow: bool,
+        mut adopt: impl FnMut(*const Service, &Arc<Service>),
+    ) {
         if regrow {
-            // Backends that no longer exist lose their tables at a reload.
+            // Backends that no longer exist lose their slots at a reload.
             let live: std::collections::HashSet<&str> = registry
                 .services
                 .iter()
                 .map(|s| s.backend.as_str())
                 .collect();
-            self.tables.retain(|b, _| live.contains(b.as_str()));
             self.last.retain(|b, _| live.contains(b.as_str()));
         }
         for service in &mut registry.services {
-            // A service seen last time comes out as it did then: its table has not moved since
-            // (only this function changes it), unless this pass regrows a table the last one
-            // did not.
-            // The same goes for what it became: the parse cache adopts slotted services.
-            if let Some(m) = self.last.get(&service.backend)
-                && (Arc::ptr_eq(&m.input, service) || Arc::ptr_eq(&m.output, service))
+            let memo = self.last.get(&service.backend);
+            // A service seen last time comes out as it did then: its slots have not moved
+            // since (only this function moves them), unless this pass regrows slots the last
+            // one did not. The parse cache adopts slotted services: an unchanged one is what
+            // it became.
+            if let Some(m) = memo
+                && Arc::ptr_eq(&m.output, service)
                 && (m.regrown || !regrow)
             {
-                *service = Arc::clone(&m.output);
                 continue;
             }
-            let input = Arc::clone(service);
-            let table = match self.tables.get_mut(&service.backend) {
-                Some(t) => t,
-                None => self.tables.entry(service.backend.clone()).or_default(),
-            };
-            // Instances are sorted by id: find one by binary search, without a map.
-            let instances = &service.instances;
-            let find = |id: &str| instances.binary_search_by(|i| i.id.as_str().cmp(id)).ok();
-            // Free the slots of instances that are gone; note who already has one.
-            let mut placed = vec![false; service.instances.len()];
-            for slot in table.iter_mut() {
-                match slot.as_deref().map(find) {
-                    Some(Some(i)) => placed[i] = true,
-                    Some(None) => *slot = None,
-                    None => {}
-                }
-            }
-            for (i, inst) in service.instances.iter().enumerate() {
-                if placed[i] {
-                    continue;
-                }
-                match table.iter_mut().find(|s| s.is_none()) {
-                    Some(free) => *free = Some(inst.id.clone()),
-                    None => table.push(Some(inst.id.clone())),
-                }
-            }
-            if regrow {
-                let used = table.iter().rposition(Option::is_some).map_or(0, |p| p + 1);
-                let free_inside = table[..used].iter().filter(|s| s.is_none()).count();
-                let want = used + spare.saturating_sub(free_inside);
-                table.resize(want.max(used), None);
-            }
+            let layout = layout(memo.map(|m| &*m.output), service, spare, regrow);
             // Touch the service only when its layout changed, so that an unchanged service
             // stays shared with the previous registry (and with the render's value cache).
-            let same = service.slots.len() == table.len()
-                && service.slots.iter().zip(table.iter()).all(|(slot, id)| {
-                    let want = id.as_deref().and_then(find);
-                    slot.instance == want
+            let same = service.slots.len() == layout.len()
+                && service.slots.iter().zip(&layout).all(|(slot, want)| {
+                    slot.instance == *want
                         && want.is_none_or(|i| service.instances[i].name == slot.name)
                 });
             if !same {
-                let slots: Vec<Slot> = table
+                // Identifies the parsed service for `adopt`, without holding it: a service no
+                // one else holds is slotted in place, not copied.
+                let parsed = Arc::as_ptr(service);
+                let slots: Vec<Slot> = layout
                     .iter()
                     .enumerate()
-                    .map(|(n, id)| Slot {
+                    .map(|(n, instance)| Slot {
                         name: format!("srv{}", n + 1),
-                        instance: id.as_deref().and_then(find),
+                        instance: *instance,
                     })
                     .collect();
-                let service = Arc::make_mut(service);
+                let slotted = Arc::make_mut(service);
                 for slot in &slots {
                     if let Some(i) = slot.instance {
-                        service.instances[i].name = slot.name.clone();
+                        slotted.instances[i].name = slot.name.clone();
                     }
                 }
-                service.slots = slots;
+                slotted.slots = slots;
+                adopt(parsed, service);
             }
             let memo = Memo {
-                input,
                 output: Arc::clone(service),
                 regrown: regrow,
             };
-            self.last.insert(service.backend.clone(), memo);
+            match self.last.get_mut(&service.backend) {
+                Some(m) => *m = memo,
+                None => {
+                    self.last.insert(service.backend.clone(), memo);
+                }
+            }
         }
     }
 }
 
-impl Slots {
-    /// What `assign` made of `parsed` last time, if `parsed` is what it was given.
-    pub fn slotted(&self, parsed: &Arc<Service>) -> Option<&Arc<Service>> {
-        self.last
-            .get(&parsed.backend)
-            .filter(|m| Arc::ptr_eq(&m.input, parsed))
-            .map(|m| &m.output)
+/// The slots of `service`, each an index into its instances or free, given `prev`, what the
+/// backend's service became at the last pass: each instance still there keeps its slot, a
+/// new one takes the first free slot (or a new one at the end).
+fn layout(
+    prev: Option<&Service>,
+    service: &Service,
+    spare: usize,
+    regrow: bool,
+) -> Vec<Option<usize>> {
+    // Instances are sorted by id: find one by binary search, without a map.
+    let instances = &service.instances;
+    let find = |id: &str| instances.binary_search_by(|i| i.id.as_str().cmp(id)).ok();
+    let mut placed = vec![false; instances.len()];
+    let mut table: Vec<Option<usize>> = match prev {
+        Some(p) => p
+            .slots
+            .iter()
+            .map(|slot| {
+                let i = find(&p.instances[slot.instance?].id)?;
+                placed[i] = true;
+                Some(i)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    for (i, _) in placed.iter().enumerate().filter(|(_, placed)| !**placed) {
+        match table.iter_mut().find(|s| s.is_none()) {
+            Some(free) => *free = Some(i),
+            None => table.push(Some(i)),
+        }
     }
+    if regrow {
+        let used = table.iter().rposition(Option::is_some).map_or(0, |p| p + 1);
+        let free_inside = table[..used].iter().filter(|s| s.is_none()).count();
+        let want = used + spare.saturating_sub(free_inside);
+        table.resize(want.max(used), None);
+    }
+    table
 }
 
 #[cfg(test)]
@@ -213,37 +233,71 @@ mod tests {
         let mut slots = Slots::default();
         let mut r = registry(&["a", "b"]);
         let parsed = Arc::clone(&r.services[0]);
-        slots.assign(&mut r, 2, true);
+        let mut adopted = Vec::new();
+        slots.assign_adopting(&mut r, 2, true, |p, s| adopted.push((p, Arc::clone(s))));
         let slotted = Arc::clone(&r.services[0]);
         assert!(!Arc::ptr_eq(&parsed, &slotted), "slots were added");
+        // The cache is told what the parsed service became.
+        assert_eq!(adopted.len(), 1);
+        assert!(std::ptr::eq(adopted[0].0, Arc::as_ptr(&parsed)));
+        assert!(Arc::ptr_eq(&adopted[0].1, &slotted));
+        drop(adopted);
 
-        // The parse cache hands out the same parsed service: the same slotted one comes back.
+        // What it became (the parse cache adopts it and hands it out while its keys do not
+        // change) comes back as it is, with or without a regrow.
         let mut again = Registry {
-            services: vec![Arc::clone(&parsed)],
+            services: vec![Arc::clone(&slotted)],
         };
-        slots.assign(&mut again, 2, false);
+        slots.assign_adopting(&mut again, 2, false, |_, _| panic!("nothing to adopt"));
         assert!(Arc::ptr_eq(&again.services[0], &slotted));
         slots.assign(&mut again, 2, true);
         assert!(Arc::ptr_eq(&again.services[0], &slotted));
 
-        // What it became comes back as it is too (the parse cache adopts slotted services).
-        assert!(Arc::ptr_eq(slots.slotted(&parsed).expect("memo"), &slotted));
-        let mut adopted = Registry {
-            services: vec![Arc::clone(&slotted)],
+        // The parsed copy seen again (one the cache did not adopt: the guard held it back) is
+        // slotted again, the same way.
+        let mut held = Registry {
+            services: vec![parsed],
         };
-        slots.assign(&mut adopted, 2, true);
-        assert!(Arc::ptr_eq(&adopted.services[0], &slotted));
+        slots.assign(&mut held, 2, true);
+        assert_eq!(layout(&held), layout(&again));
 
         // A changed service is slotted afresh, keeping the layout.
         let mut changed = registry(&["a", "b", "c"]);
-        let parsed = Arc::clone(&changed.services[0]);
         slots.assign(&mut changed, 2, false);
         assert_eq!(layout(&changed), ["srv1=a", "srv2=b", "srv3=c", "srv4=-"]);
         // A regrow after a pass without one looks at the table again, for the same service.
-        let mut same = Registry {
-            services: vec![parsed],
+        slots.assign(&mut changed, 2, true);
+        assert_eq!(layout(&changed).len(), 5);
+    }
+
+    #[test]
+    fn with_a_parse_cache_one_copy_of_each_service_lives() {
+        use crate::model::{ParseCache, Snapshot};
+        let snapshot = |ids: &[&str]| {
+            let mut s = Snapshot::default();
+            for id in ids {
+                s.kv.insert(format!("/services/web/{id}"), "127.0.0.1:80".into());
+            }
+            Arc::new(s)
         };
-        slots.assign(&mut same, 2, true);
-        assert_eq!(layout(&same).len(), 5);
+        let mut cache = ParseCache::default();
+        let mut slots = Slots::default();
+        for (round, ids) in [&["a", "b"][..], &["a", "b", "c"], &["a", "c"]]
+            .into_iter()
+            .enumerate()
+        {
+            let (mut r, _) = Registry::parse_cached(&snapshot(ids), &mut cache);
+            let parsed = Arc::downgrade(&r.services[0]);
+            slots.assign_adopting(&mut r, 2, true, |p, s| cache.adopt(p, s));
+            // The parsed copy is gone: the cache holds the slotted one in its place.
+            assert!(parsed.upgrade().is_none(), "round {round}");
+            let slotted = Arc::clone(&r.services[0]);
+            drop(r);
+            // The next parse of the same keys hands out the slotted service itself.
+            let (mut r, _) = Registry::parse_cached(&snapshot(ids), &mut cache);
+            assert!(Arc::ptr_eq(&r.services[0], &slotted), "round {round}");
+            slots.assign_adopting(&mut r, 2, true, |_, _| panic!("nothing to adopt"));
+            assert!(Arc::ptr_eq(&r.services[0], &slotted), "round {round}");
+        }
     }
 }

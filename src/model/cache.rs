@@ -20,17 +20,15 @@ pub struct ParseCache {
 }
 
 impl ParseCache {
-    /// Replaces each cached service by what `slotted` says it became (the same parse with its
-    /// server slots), so that one copy of each service lives instead of two. Only a service that
-    /// is the cached `Arc` itself is replaced: a service the guard held back is another `Arc`
-    /// and the cache keeps what the keys say.
-    pub fn adopt<'a>(&mut self, slotted: impl Fn(&Arc<Service>) -> Option<&'a Arc<Service>>) {
-        for (service, _) in self.services.values_mut() {
-            if let Some(s) = service.as_mut()
-                && let Some(out) = slotted(s)
-            {
-                *s = Arc::clone(out);
-            }
+    /// Keeps `slotted` (the same parse with its server slots) in place of the cached service
+    /// `parsed` points to, so that one copy of the service lives instead of two. Only the
+    /// cached `Arc` itself is replaced (`parsed` is compared, never read): a service the guard
+    /// held back is another `Arc`, and the cache keeps what the keys say.
+    pub fn adopt(&mut self, parsed: *const Service, slotted: &Arc<Service>) {
+        if let Some((Some(s), _)) = self.services.get_mut(&slotted.name)
+            && std::ptr::eq(Arc::as_ptr(s), parsed)
+        {
+            *s = Arc::clone(slotted);
         }
     }
 

@@ -65,27 +65,54 @@ pub struct HaproxyView {
 /// registry to tera values is a third of a render at 2,000 services; a change touches one or
 /// two, so the others are reused (tera values share their maps by `Arc`). A service reused by
 /// the parse cache is the same `Arc`; any other is compared by value.
+/// The map is kept and updated in place: a render touches the entries of the services that
+/// changed, not a new map with a key per service (10,000 strings per render at 10,000x10).
 #[derive(Default)]
 struct ValueCache {
-    by_backend: HashMap<String, (Arc<Service>, Value)>,
+    by_backend: HashMap<String, Cached>,
+    /// Counts renders; an entry not seen by the current one belongs to a service that is gone.
+    generation: u64,
+}
+
+struct Cached {
+    service: Arc<Service>,
+    value: Value,
+    seen: u64,
 }
 
 impl ValueCache {
     fn services(&mut self, services: &[Arc<Service>]) -> Value {
-        let mut next = HashMap::with_capacity(services.len());
+        self.generation += 1;
+        let generation = self.generation;
         let values: Vec<Value> = services
             .iter()
-            .map(|s| {
-                let value = match self.by_backend.remove(&s.backend) {
-                    Some((old, v)) if Arc::ptr_eq(&old, s) || old == *s => v,
-                    _ => service_value(s),
-                };
-                next.insert(s.backend.clone(), (Arc::clone(s), value.clone()));
-                value
+            .map(|s| match self.by_backend.get_mut(&s.backend) {
+                Some(c) => {
+                    if !Arc::ptr_eq(&c.service, s) {
+                        if *c.service != **s {
+                            c.value = service_value(s);
+                        }
+                        c.service = Arc::clone(s);
+                    }
+                    c.seen = generation;
+                    c.value.clone()
+                }
+                None => {
+                    let value = service_value(s);
+                    let cached = Cached {
+                        service: Arc::clone(s),
+                        value: value.clone(),
+                        seen: generation,
+                    };
+                    self.by_backend.insert(s.backend.clone(), cached);
+                    value
+                }
             })
             .collect();
-        // Services that are gone drop out with the old map.
-        self.by_backend = next;
+        // Backends are unique: more entries than services means some services are gone.
+        if self.by_backend.len() > services.len() {
+            self.by_backend.retain(|_, c| c.seen == generation);
+        }
         Value::from(values)
     }
 }
@@ -179,6 +206,10 @@ pub struct Templates {
     /// Per template, how often each guarded directive appears in its source.
     allowed: Vec<BTreeMap<&'static str, usize>>,
     values: ValueCache,
+    /// Per template, the size of its last render: the next one is written into a buffer of
+    /// about that size, where a growing one was copied at each doubling (10 MB of copies and
+    /// page faults per render of a 5 MB file at 10,000x10).
+    sizes: Vec<usize>,
     frontend: FrontendConfig,
     haproxy: HaproxyView,
     env: Arc<BTreeMap<String, String>>,
@@ -233,6 +264,7 @@ impl Templates {
             list,
             allowed,
             values: ValueCache::default(),
+            sizes: Vec::new(),
             frontend: config.frontend.clone(),
             haproxy: HaproxyView {
                 master_socket: h.master_socket.display().to_string(),
@@ -268,20 +300,29 @@ impl Templates {
         ctx.insert("files", &self.files);
         ctx.insert("revision", &snapshot.revision);
         let mut out = Vec::with_capacity(self.list.len());
-        for (t, allowed) in self.list.iter().zip(&self.allowed) {
-            let text = self
-                .tera
-                .render(&tera_name(t), &ctx)
-                .map_err(|e| RenderError::Render {
-                    name: t.name.clone(),
-                    path: t.src.clone(),
-                    report: report(&e),
-                })?;
+        self.sizes.resize(self.list.len(), 0);
+        for ((t, allowed), size) in self.list.iter().zip(&self.allowed).zip(&mut self.sizes) {
+            // A change rarely moves the size by more than a few lines: 1/64 more, and a page.
+            let mut bytes = Vec::with_capacity(*size + *size / 64 + 4096);
+            let rendered = self.tera.render_to(&tera_name(t), &ctx, &mut bytes);
+            rendered.map_err(|e| RenderError::Render {
+                name: t.name.clone(),
+                path: t.src.clone(),
+                report: report(&e),
+            })?;
+            *size = bytes.len();
+            // Values are strings and templates are text: a render is UTF-8, checked here as
+            // tera's `render` did.
+            let text = std::str::from_utf8(&bytes).map_err(|e| RenderError::Render {
+                name: t.name.clone(),
+                path: t.src.clone(),
+                report: format!("the output is not UTF-8: {e}"),
+            })?;
             // A map file is data HAProxy looks up, never config lines: a host named `user` or
             // `global` is no directive there.
             let allowed = if t.map { None } else { Some(allowed) };
             allowed
-                .map_or(Ok(()), |a| structure::check(a, &text))
+                .map_or(Ok(()), |a| structure::check(a, text))
                 .map_err(|v| RenderError::Structure {
                     name: t.name.clone(),
                     path: t.src.clone(),
@@ -291,7 +332,7 @@ impl Templates {
                 })?;
             out.push(Rendered {
                 template: t.clone(),
-                bytes: text.into_bytes(),
+                bytes,
             });
         }
         Ok(out)
@@ -361,6 +402,46 @@ fn report(e: &tera::Error) -> String {
 mod tests {
     use super::*;
     use crate::model::{Instance, Route, Slot, State};
+
+    #[test]
+    fn the_value_cache_follows_the_services_and_reuses_unchanged_ones() {
+        let service = |name: &str, port: u16| {
+            Arc::new(Service {
+                name: name.into(),
+                backend: format!("be_{name}"),
+                route: None,
+                instances: vec![Instance {
+                    id: "a".into(),
+                    name: "srv1".into(),
+                    host: "127.0.0.1".into(),
+                    port,
+                    addr: format!("127.0.0.1:{port}"),
+                    weight: 1,
+                    state: State::Ready,
+                    meta: Default::default(),
+                }],
+                slots: vec![Slot {
+                    name: "srv1".into(),
+                    instance: Some(0),
+                }],
+            })
+        };
+        let values = |v: Value| -> Vec<Value> { v.as_array().expect("array").to_vec() };
+        let mut cache = ValueCache::default();
+        let (a, b) = (service("a", 1), service("b", 2));
+        let first = values(cache.services(&[Arc::clone(&a), Arc::clone(&b)]));
+        assert_eq!(first, [service_value(&a), service_value(&b)]);
+        // b changes, c comes, a goes; an equal copy of an unchanged service is no change.
+        let (b2, c) = (service("b", 3), service("c", 4));
+        let again = values(cache.services(&[Arc::clone(&b2), Arc::clone(&c)]));
+        assert_eq!(again, [service_value(&b2), service_value(&c)]);
+        assert_eq!(cache.by_backend.len(), 2);
+        assert!(!cache.by_backend.contains_key("be_a"));
+        let copy = service("c", 4);
+        let third = values(cache.services(&[Arc::clone(&b2), Arc::clone(&copy)]));
+        assert_eq!(third, again);
+        assert!(Arc::ptr_eq(&cache.by_backend["be_c"].service, &copy));
+    }
 
     #[test]
     fn hand_built_values_equal_serialized_ones() {

@@ -39,9 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use self::state::{
-    RawState, ScreenedState, apply_delete, apply_put, differing_keys, hold, same_values, unreadable,
-};
+use self::state::{RawState, ScreenedState, hold, newer_than, unreadable};
 use super::{SourceError, Update};
 use crate::config::{Config, EtcdConfig, SourceKind};
 use crate::etcd::{
@@ -232,7 +230,6 @@ pub fn spawn_watch(
         prefixes: config.source.prefixes.clone(),
         resync: config.source.resync.max(MIN_RESYNC),
         tx,
-        state: RawState::new(),
         screened: ScreenedState::default(),
         have_state: false,
         dirty: false,
@@ -274,9 +271,7 @@ struct Watcher {
     prefixes: Vec<String>,
     resync: Duration,
     tx: mpsc::Sender<Update>,
-    /// The raw state built by reads and watch events.
-    state: RawState,
-    /// `state` screened, in step with it.
+    /// The screened state built by reads and watch events (the raw pairs are not kept).
     screened: ScreenedState,
     /// False until the first successful read: nothing is sent before it.
     have_state: bool,
@@ -428,8 +423,10 @@ impl Watcher {
 
     /// Replaces the state with a full read, in one step.
     fn install_read(&mut self, reason: ReadReason, revision: i64, state: RawState) {
+        let newer = newer_than(&state, self.revision);
+        let state = ScreenedState::from_read(&self.prefixes, state);
         if self.have_state {
-            let differing = differing_keys(&self.state, &state, self.revision);
+            let differing = self.screened.differing_keys(&state, &newer);
             match reason {
                 ReadReason::Resync if differing > 0 => tracing::warn!(
                     differing_keys = differing,
@@ -456,11 +453,11 @@ impl Watcher {
                 "first full read of etcd"
             );
         }
-        let changed = !self.have_state || !same_values(&self.state, &state);
+        // An unchanged state is kept as it is, shared with the snapshots handed out.
+        let changed = !self.have_state || self.screened != state;
         if changed {
-            self.screened = ScreenedState::build(&self.prefixes, &state);
+            self.screened = state;
         }
-        self.state = state;
         self.have_state = true;
         self.revision = self.revision.max(revision);
         self.next_revision = vec![revision + 1; self.prefixes.len()];
@@ -662,17 +659,10 @@ impl Watcher {
             };
             match kind {
                 EventType::Put => {
-                    changed |= apply_put(
-                        &mut self.state,
-                        &mut self.screened,
-                        &self.prefixes,
-                        kv.key(),
-                        kv.value(),
-                        kv.mod_revision(),
-                    );
+                    changed |= self.screened.put(&self.prefixes, kv.key(), kv.value());
                 }
                 EventType::Delete => {
-                    changed |= apply_delete(&mut self.state, &mut self.screened, kv.key());
+                    changed |= self.screened.delete(kv.key());
                 }
             }
             let next = &mut self.next_revision[index];
