@@ -545,6 +545,12 @@ listen = "127.0.0.1:{free_port()}"
         needle = f'apply.kind="{kind}"'
         return sum(1 for line in self.log_text().splitlines() if " applied " in line and needle in line)
 
+    def served_ahead(self):
+        """Server-only changes HAProxy took before their file (logged `served`, the file follows
+        as an `applied` of its own)."""
+        return sum(1 for line in self.log_text().splitlines()
+                   if "served through the Runtime API" in line)
+
     def failed_applies(self):
         return sum(1 for line in self.log_text().splitlines() if "apply failed" in line)
 
@@ -609,6 +615,7 @@ listen = "127.0.0.1:{free_port()}"
         before = show_proc(self.master_sock)
         reloads_logged = self.applied("reload")
         runtime_logged = self.applied("runtime")
+        served_logged = self.served_ahead()
         lat = []
         puts = []
         started = time.monotonic()
@@ -629,15 +636,20 @@ listen = "127.0.0.1:{free_port()}"
             lat.append(time.monotonic() - t0)
         after = show_proc(self.master_sock)
         # The last change may still be logging.
+        # Each change is one `applied` line, or one `served` line ahead of its file, whose
+        # install is an `applied` line of its own (one for all the changes sent before it).
         wait_until(10, "the last apply in the log",
-                   lambda: self.applied("runtime") - runtime_logged >= len(lat)
+                   lambda: self.applied("runtime") - runtime_logged
+                   + self.served_ahead() - served_logged >= len(lat)
                    or self.applied("reload") != reloads_logged, interval=0.05)
         reloads = after[1] - before[1]
         runtime = self.applied("runtime") - runtime_logged
+        served = self.served_ahead() - served_logged
         lat.sort()
         print(f"(b) {len(lat)} server-only changes: reloads = {reloads} "
               f"(show proc {before[1]} -> {after[1]}, failed {after[2]}), "
-              f"{runtime} applied through the Runtime API")
+              f"{served} sent ahead of their file, {runtime} applied through the Runtime API "
+              f"(file installed)")
         print(f"    change -> served: p50 = {percentile(lat, 50) * 1000:.1f} ms, "
               f"p99 = {percentile(lat, 99) * 1000:.1f} ms, max = {lat[-1] * 1000:.1f} ms")
         if puts:

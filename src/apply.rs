@@ -51,6 +51,9 @@ pub struct Report {
     pub hash: String,
     pub changed: Vec<String>,
     pub duration: Duration,
+    /// HAProxy took this change through the Runtime API before its files were written; they
+    /// follow in a later apply (see `haproxy::deploy::fast`).
+    pub files_follow: bool,
 }
 
 /// The first retry of an install that failed on the disk; the backoff doubles from here to its
@@ -136,8 +139,10 @@ pub struct Applier<D: Deploy = Deployer> {
     slots: Slots,
     parse_cache: ParseCache,
     rejections: Rejections,
-    /// The registry rendered by the last successful apply.
+    /// The registry rendered by the last successful apply: that of the installed files.
     last: Option<Registry>,
+    /// The hash of the installed files (see [`hash`]).
+    installed_hash: String,
     /// When a guard hold expires, if one is active.
     release_at: Option<Instant>,
     /// When to apply the latest state again after an install that failed on the disk.
@@ -209,6 +214,7 @@ impl<D: Deploy> Applier<D> {
             metrics,
             deploy,
             last: None,
+            installed_hash: String::new(),
             release_at: None,
             retry_at: None,
             retry: Backoff::new(),
@@ -226,12 +232,13 @@ impl<D: Deploy> Applier<D> {
     }
 
     /// When the applier wants to apply again although nothing changed: a guard hold that
-    /// expires, or the retry of an install that failed on the disk.
+    /// expires, the retry of an install that failed on the disk, or the files of changes
+    /// HAProxy took ahead of them.
     pub fn wakeup(&self) -> Option<Instant> {
-        match (self.release_at, self.retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.release_at, self.retry_at, self.deploy.files_due()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Renders, installs and reloads. On error the files on disk are those of before. An
@@ -272,9 +279,9 @@ impl<D: Deploy> Applier<D> {
         self.rejections.report(rejected, &self.metrics);
         let t_parse = started.elapsed();
         let installed = self.deploy.installed();
-        let decision = self
-            .guard
-            .decide(self.last.as_ref(), wanted, installed, started);
+        // What HAProxy serves is what was applied last, ahead of the files or not.
+        let applied = self.deploy.served().or(self.last.as_ref());
+        let decision = self.guard.decide(applied, wanted, installed, started);
         self.release_at = decision.release_at;
         let held: Vec<String> = decision.held.iter().map(|h| h.service.clone()).collect();
         for h in &decision.held {
@@ -309,10 +316,38 @@ impl<D: Deploy> Applier<D> {
                     hash: String::new(),
                     changed: Vec::new(),
                     duration: started.elapsed(),
+                    files_follow: false,
                 });
             }
         }
         let mut registry = decision.registry;
+        // Served; the files follow at the wakeup, or now when they are due already.
+        if self.serve_first(&mut registry).await
+            && self
+                .deploy
+                .files_due()
+                .is_some_and(|due| due > Instant::now())
+        {
+            let kind = ApplyKind::Runtime;
+            self.metrics.served(update.snapshot.revision);
+            self.metrics.set_held(&held, &[]);
+            self.guard.applied(&self.config, &registry);
+            tracing::debug!(
+                parse_ms = t_parse.as_secs_f64() * 1e3,
+                served_ms = started.elapsed().as_secs_f64() * 1e3,
+                "apply stages"
+            );
+            return Ok(Report {
+                kind,
+                revision: update.snapshot.revision,
+                held,
+                held_back: Vec::new(),
+                hash: self.installed_hash.clone(),
+                changed: Vec::new(),
+                duration: started.elapsed(),
+                files_follow: true,
+            });
+        }
         // Render and deploy; when `haproxy -c` blames lines that belong to some services only,
         // put those services back to their last applied state and try again.
         let mut held_back: Vec<String> = Vec::new();
@@ -365,15 +400,32 @@ impl<D: Deploy> Applier<D> {
             .observe(started.elapsed().as_secs_f64());
         self.guard.applied(&self.config, &registry);
         self.last = Some(registry);
+        self.installed_hash = hash(&rendered);
         Ok(Report {
             kind,
             revision: update.snapshot.revision,
             held,
             held_back,
-            hash: hash(&rendered),
+            hash: self.installed_hash.clone(),
             changed: committed.changed,
             duration: started.elapsed(),
+            files_follow: false,
         })
+    }
+
+    /// The fast path: with the slot layout kept, a change that only moves, adds, removes or
+    /// re-weighs instances in their slots goes to HAProxy from the typed registries before
+    /// anything is rendered (see `haproxy::deploy::fast`). True when HAProxy took it; the
+    /// render and the install then follow at [`Applier::wakeup`].
+    async fn serve_first(&mut self, registry: &mut Registry) -> bool {
+        if self.last.is_none() || !self.deploy.runtime_ready() {
+            return false;
+        }
+        self.slot(registry, false);
+        let Some(last) = self.last.as_ref() else {
+            return false;
+        };
+        self.deploy.send_first(last, registry).await
     }
 
     /// Assigns slots and renders. With the Runtime API available it first keeps the slot
@@ -384,26 +436,27 @@ impl<D: Deploy> Applier<D> {
         update: &Update,
         registry: &mut Registry,
     ) -> Result<(Vec<Rendered>, Option<D::Plan>), ApplyError> {
-        let spare = self.config.haproxy.spare_slots as usize;
         let runtime = self.deploy.runtime_ready();
-        self.slot(registry, spare, !runtime);
+        self.slot(registry, !runtime);
         let rendered = self.render_registry(update, registry)?;
         if !runtime {
             return Ok((rendered, None));
         }
-        match self.deploy.plan(&rendered) {
+        match self.deploy.plan(&rendered, registry) {
             Ok(plan) => Ok((rendered, Some(plan))),
             Err(why) => {
                 tracing::debug!(reason = %why, "not a server-only change: reload");
-                self.slot(registry, spare, true);
+                self.slot(registry, true);
                 Ok((self.render_registry(update, registry)?, None))
             }
         }
     }
 
-    /// Assigns server slots. The cache keeps each slotted service from now on, and its parsed
-    /// copy is freed as soon as it is slotted: one copy of each service lives.
-    fn slot(&mut self, registry: &mut Registry, spare: usize, regrow: bool) {
+    /// Assigns server slots (`regrow`: spare slots regrown, the layout may change). The cache
+    /// keeps each slotted service from now on, and its parsed copy is freed as soon as it is
+    /// slotted: one copy of each service lives.
+    fn slot(&mut self, registry: &mut Registry, regrow: bool) {
+        let spare = self.config.haproxy.spare_slots as usize;
         let cache = &mut self.parse_cache;
         self.slots
             .assign_adopting(registry, spare, regrow, |parsed, slotted| {

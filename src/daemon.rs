@@ -159,15 +159,25 @@ impl Apply for Daemon {
             Ok(r) => {
                 span.record("config.hash", r.hash.as_str());
                 span.record("apply.kind", r.kind.as_str());
-                tracing::info!(
-                    apply.kind = r.kind.as_str(),
-                    held = ?r.held,
-                    held_back = ?r.held_back,
-                    config.hash = %r.hash,
-                    changed = ?r.changed,
-                    ms = r.duration.as_millis() as u64,
-                    "applied"
-                );
+                if r.files_follow {
+                    // HAProxy serves it; the files follow as an apply of their own, which
+                    // logs `applied` when they and HAProxy agree again.
+                    tracing::info!(
+                        held = ?r.held,
+                        ms = r.duration.as_millis() as u64,
+                        "served through the Runtime API; the files follow"
+                    );
+                } else {
+                    tracing::info!(
+                        apply.kind = r.kind.as_str(),
+                        held = ?r.held,
+                        held_back = ?r.held_back,
+                        config.hash = %r.hash,
+                        changed = ?r.changed,
+                        ms = r.duration.as_millis() as u64,
+                        "applied"
+                    );
+                }
                 // The fleet view publishes it (and wakes for it).
                 let running = self.applier.is_running();
                 self.applier

@@ -7,6 +7,9 @@
 //!   next good change applies;
 //! - server-only changes go through the Runtime API with no reload, and disk and the running
 //!   HAProxy agree server by server;
+//! - through etcd, a server-only change is sent before its file is rendered (the fast path),
+//!   with no reload, and the file that follows is exactly what `haconfd render --print` renders
+//!   from etcd;
 //! - a killed master is restarted, and SIGTERM stops HAProxy and leaves no zombie behind;
 //! - a second SIGTERM while HAProxy drains stops it at once;
 //! - exhausting the spare slots falls back to one reload that regrows them;
@@ -27,9 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use common::etcd::Etcd;
 use common::haproxy::{
-    Backend, Inst, Opts, PidGuard, Workspace, at, cli_command, file_servers, http_get, master_pid,
-    pid_alive, registry, serves, signal,
+    Backend, Inst, Opts, PidGuard, Workspace, at, cli_command, etcd_table, file_servers, http_get,
+    master_pid, pid_alive, registry, serves, signal,
 };
 use common::lb::Lb;
 use common::wait_for;
@@ -266,6 +270,106 @@ fn server_only_changes_use_the_runtime_api_and_never_reload() {
     assert_eq!(after.master_pid, before.master_pid);
     assert_eq!(lb.applied("reload"), 0, "{}", lb.log());
     assert_eq!(lb.failed_applies(), 0, "{}", lb.log());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
+}
+
+/// An instance value in etcd: `backend`'s address with a weight and a state.
+fn value(b: &Backend, weight: u16, state: &str) -> String {
+    format!(
+        "{{\"addr\":\"127.0.0.1:{}\",\"weight\":{weight},\"state\":\"{state}\"}}",
+        b.port
+    )
+}
+
+#[test]
+fn server_only_changes_through_etcd_go_ahead_of_the_file_which_then_equals_render_print() {
+    let (a, b, c) = Backend::abc();
+    let etcd = Etcd::start();
+    // Other services around web, in maintenance (no health checks), so that the file is more
+    // than web's lines.
+    let filler: Vec<(String, String)> = (0..40)
+        .flat_map(|n| {
+            (0..3).map(move |i| {
+                (
+                    format!("/services/fill{n:02}/i{i}"),
+                    format!(
+                        "{{\"addr\":\"127.0.0.1:{}\",\"state\":\"maint\"}}",
+                        20000 + i
+                    ),
+                )
+            })
+        })
+        .collect();
+    etcd.put_txn_batches(&filler);
+    etcd.put("/services/web/a", &value(&a, 100, "ready"));
+    etcd.put("/services/web/b", &value(&b, 100, "ready"));
+    let mut lb = Lb::start(
+        Workspace::new("yaml"),
+        "",
+        Opts {
+            etcd: Some(etcd_table(&[etcd.endpoint()])),
+            ..supervise()
+        },
+    );
+    lb.reach("web", "backend-A");
+    lb.reach("web", "backend-B");
+    let before = lb.proc().expect("show proc");
+    // What `render --print` reads from etcd and renders: the installed file, byte for byte.
+    let equals_render_print = |lb: &Lb| {
+        let out = lb.ws.haconfd(&["render", "--print"]);
+        assert!(out.status.success(), "{out:?}");
+        let printed = String::from_utf8(out.stdout).expect("utf-8");
+        assert_eq!(
+            printed,
+            lb.dest(),
+            "the installed file is not what etcd renders"
+        );
+    };
+    equals_render_print(&lb);
+    let mut runtime = 0;
+    let mut step = |lb: &Lb, key: &str, v: &str| {
+        etcd.put(key, v);
+        runtime += 1;
+        // `applied` comes when the file is installed and HAProxy holds it.
+        lb.wait_applied("runtime", runtime);
+        lb.assert_agree("be_web");
+        equals_render_print(lb);
+    };
+
+    // The first one proves the template on its render (installed, then sent); the next ones
+    // go to HAProxy before their file is rendered.
+    step(&lb, "/services/web/a", &value(&a, 50, "ready"));
+    assert!(lb.dest().contains("weight 50"), "{}", lb.dest());
+    // b moves to c's address: all traffic of b's slot goes to backend-C.
+    step(&lb, "/services/web/b", &value(&c, 100, "ready"));
+    lb.reach("web", "backend-C");
+    assert!(lb.bodies("web", 6).iter().all(|x| x != "backend-B"));
+    // b drains (weight 0): new requests all go to a.
+    step(&lb, "/services/web/b", &value(&c, 100, "drain"));
+    assert!(lb.bodies("web", 6).iter().all(|x| x == "backend-A"));
+    // a to maintenance, b back: everything goes to c's address.
+    step(&lb, "/services/web/a", &value(&a, 50, "maint"));
+    step(&lb, "/services/web/b", &value(&c, 100, "ready"));
+    assert!(lb.bodies("web", 6).iter().all(|x| x == "backend-C"));
+    // a back at b's old address, its weight again.
+    step(&lb, "/services/web/a", &value(&b, 100, "ready"));
+    lb.reach("web", "backend-B");
+
+    let log = lb.log();
+    let served = log
+        .matches("served through the Runtime API; the files follow")
+        .count();
+    assert_eq!(
+        served,
+        runtime - 1,
+        "every change but the first went ahead:\n{log}"
+    );
+    let after = lb.proc().expect("show proc");
+    assert_eq!(after.reloads, before.reloads, "{log}");
+    assert_eq!(after.master_pid, before.master_pid);
+    assert_eq!(lb.applied("reload"), 0, "{log}");
+    assert_eq!(lb.failed_applies(), 0, "{log}");
+    assert!(!log.contains("differed from the files"), "{log}");
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }
 

@@ -10,6 +10,10 @@
 //! of tests/common/mod.rs: CI runs them as root), and a mount that is refused fails them. A
 //! rename that fails, and a restore that fails, are driven through the library without a mount:
 //! `dest` is a directory, which nothing may be renamed over.
+//!
+//! With a supervised HAProxy, a server-only change goes to HAProxy before its file is written
+//! (the fast path): when the disk then refuses the file, HAProxy is put back to the installed
+//! file, and the change is served once the file lands.
 
 mod common;
 
@@ -19,7 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::admin::Admin;
-use common::haproxy::{Daemon, Opts, Workspace, serves};
+use common::haproxy::{Backend, Daemon, Opts, Workspace, at, registry as services, serves};
+use common::lb::Lb;
 use common::wait_for;
 use haconfd::config::TemplateConfig;
 use haconfd::haproxy::install;
@@ -384,6 +389,71 @@ fn a_read_only_disk_keeps_the_files_and_retries_until_it_is_writable() {
 #[ignore = "needs root"]
 fn a_disk_that_turns_read_only_after_the_check_leaves_no_staged_file_behind() {
     survive(Fault::ReadOnlyAfterCheck);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_change_sent_ahead_of_a_file_the_disk_refuses_is_taken_back_until_the_file_lands() {
+    common::needs_root("mounting a tmpfs under dest");
+    let (a, b) = (Backend::start("backend-A"), Backend::start("backend-B"));
+    let ws = Workspace::new("yaml");
+    // Dropped after the daemon (declared before it): HAProxy stops before its disk goes.
+    let disk = Tmpfs::mount(&ws.path("out"));
+    let mut lb = Lb::start(
+        ws,
+        &services(&[("web", &[at("a", &a)])], ""),
+        Opts {
+            mode: "supervise",
+            ..Opts::default()
+        },
+    );
+    lb.reach("web", "backend-A");
+    let before = lb.proc().expect("show proc");
+    // The first server-only change proves the template (installed, then sent).
+    let weighted = (
+        "a",
+        format!("'{{\"addr\":\"127.0.0.1:{}\",\"weight\":50}}'", a.port),
+    );
+    lb.ws.write_registry(services(&[("web", &[weighted])], ""));
+    lb.wait_applied("runtime", 1);
+    let installed = lb.dest();
+
+    // The disk is full; a moves to backend-B: HAProxy takes it at once, the file cannot
+    // follow, and HAProxy goes back to the installed file.
+    let filler = disk.fill();
+    lb.ws
+        .write_registry(services(&[("web", &[at("a", &b)])], ""));
+    lb.wait_log(SETTLE, "served through the Runtime API; the files follow");
+    lb.wait_log(SETTLE, RETRYING);
+    lb.wait_log(
+        SETTLE,
+        "HAProxy put back to the installed config after a failed apply",
+    );
+    assert_eq!(lb.dest(), installed);
+    lb.assert_agree("be_web");
+    lb.reach("web", "backend-A");
+    // Until a file lands nothing goes ahead of the disk: the retries leave HAProxy alone.
+    wait_for(SETTLE, "a retry that fails again", || {
+        (lb.log().matches(RETRYING).count() >= 2).then_some(())
+    });
+    assert!(lb.bodies("web", 6).iter().all(|x| x == "backend-A"));
+    lb.assert_agree("be_web");
+    assert_eq!(
+        lb.log()
+            .matches("served through the Runtime API; the files follow")
+            .count(),
+        1
+    );
+
+    // The disk heals: the file lands with no new change, and HAProxy takes it.
+    std::fs::remove_file(filler).expect("remove the filler");
+    lb.wait_applied("runtime", 2);
+    lb.reach("web", "backend-B");
+    lb.assert_agree("be_web");
+    assert!(serves(&lb.dest(), "a", &format!("127.0.0.1:{}", b.port)));
+    let after = lb.proc().expect("show proc");
+    assert_eq!(after.reloads, before.reloads, "{}", lb.log());
+    assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }
 
 fn template_config(dest: &Path) -> TemplateConfig {

@@ -1,14 +1,18 @@
 //! The pipeline over a fake deployer: what reaches the deploy room, and what the applier does
 //! with its answers (the disk-retry backoff, guard hold wakeups, isolation), in paused time.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use super::*;
 use crate::haproxy::deploy::Committed;
+use crate::haproxy::deploy::fast::{After, FastPath, Proof, Seen};
 use crate::haproxy::install::InstallError;
+use crate::haproxy::runtime::{self, Cmd};
 use crate::haproxy::validate::ValidateError;
 use crate::model::Snapshot;
+
+mod fast;
 
 /// What the fake does at a commit, in turn; once the script is done, it commits.
 enum Step {
@@ -18,36 +22,172 @@ enum Step {
     Blame(&'static str),
 }
 
-/// Records the HAProxy file of every commit and answers from its script.
+/// Records the HAProxy file of every commit and answers from its script. Without `runtime` it
+/// always reloads; with it, it drives the Runtime API path of a model HAProxy.
 struct Fake {
     script: VecDeque<Step>,
     commits: Arc<Mutex<Vec<String>>>,
     installed: bool,
+    runtime: Option<Haproxy>,
+}
+
+/// A server as HAProxy holds it: address, weight, maintenance.
+type Server = (String, u16, bool);
+
+/// The Runtime API side of the fake: the real fast-path decisions and plans over a model of the
+/// running HAProxy (its servers by `backend/server`), the installed HAProxy file, and what
+/// happened, in order.
+struct Haproxy {
+    fast: FastPath,
+    disk: String,
+    servers: BTreeMap<String, Server>,
+    events: Vec<&'static str>,
+    /// What the master's `show proc` says.
+    seen: Seen,
+}
+
+/// The server lines of a rendered file (the test templates' shape).
+fn servers_of(text: &str) -> BTreeMap<String, Server> {
+    let mut out = BTreeMap::new();
+    let mut backend = "";
+    for line in text.lines() {
+        if let Some(b) = line.strip_prefix("backend ") {
+            backend = b.trim();
+            continue;
+        }
+        let words: Vec<&str> = line
+            .split_whitespace()
+            .take_while(|w| !w.starts_with('#'))
+            .collect();
+        if let ["server", name, addr, rest @ ..] = &words[..] {
+            let weight = rest
+                .iter()
+                .position(|w| *w == "weight")
+                .and_then(|i| rest.get(i + 1))
+                .map_or(1, |w| w.parse().expect("weight"));
+            let server = (addr.to_string(), weight, rest.contains(&"disabled"));
+            out.insert(format!("{backend}/{name}"), server);
+        }
+    }
+    out
+}
+
+impl Haproxy {
+    fn new(wait: crate::config::WaitConfig) -> Haproxy {
+        Haproxy {
+            fast: FastPath::new(wait),
+            disk: String::new(),
+            servers: BTreeMap::new(),
+            events: Vec::new(),
+            seen: Seen {
+                master_pid: 1,
+                reloads: 0,
+                restarts: 0,
+            },
+        }
+    }
+
+    fn apply(&mut self, cmds: &[Cmd]) {
+        for c in cmds {
+            let (backend, server) = match c {
+                Cmd::Addr {
+                    backend, server, ..
+                }
+                | Cmd::Weight {
+                    backend, server, ..
+                }
+                | Cmd::State {
+                    backend, server, ..
+                } => (backend, server),
+                Cmd::Map { .. } => continue,
+            };
+            let s = self
+                .servers
+                .get_mut(&format!("{backend}/{server}"))
+                .expect("HAProxy has the server");
+            match c {
+                Cmd::Addr { ip, port, .. } => s.0 = format!("{ip}:{port}"),
+                Cmd::Weight { weight, .. } => s.1 = *weight,
+                Cmd::State { ready, .. } => s.2 = !ready,
+                Cmd::Map { .. } => {}
+            }
+        }
+    }
+
+    /// `show servers state` against the installed file, and what differs set.
+    fn realign(&mut self) {
+        self.events.push("realign");
+        self.servers = servers_of(&self.disk);
+    }
+
+    /// Whether the running HAProxy and the installed file agree on every server.
+    fn agree(&self) -> bool {
+        self.servers == servers_of(&self.disk)
+    }
+}
+
+/// The fake's plan: the plan from the files, and with HAProxy ahead what it needs after.
+struct FakePlan {
+    cmds: Vec<Cmd>,
+    after: Option<After>,
 }
 
 const STAGED: &str = "/run/test/.haproxy.cfg.haconfd-1-0.tmp";
 
 impl Deploy for Fake {
-    type Plan = ();
+    type Plan = FakePlan;
 
-    fn configure(&mut self, _: &Config) {}
+    fn configure(&mut self, config: &Config) {
+        if let Some(h) = self.runtime.as_mut() {
+            h.fast.configure(config.wait);
+        }
+    }
 
     fn installed(&self) -> bool {
         self.installed
     }
 
     fn runtime_ready(&self) -> bool {
-        false
+        self.runtime.is_some() && self.installed
     }
 
-    fn plan(&self, _: &[Rendered]) -> Result<(), String> {
-        Err("the fake always reloads".into())
+    async fn send_first(&mut self, installed: &Registry, wanted: &Registry) -> bool {
+        let Some(h) = self.runtime.as_mut() else {
+            return false;
+        };
+        let restarts = h.seen.restarts;
+        let Some(cmds) = h.fast.commands(installed, wanted, true, restarts) else {
+            return false;
+        };
+        h.events.push("send");
+        h.apply(&cmds);
+        h.fast.sent(installed, wanted.clone(), true, Instant::now());
+        true
+    }
+
+    fn served(&self) -> Option<&Registry> {
+        self.runtime.as_ref()?.fast.served()
+    }
+
+    fn files_due(&self) -> Option<Instant> {
+        self.runtime.as_ref()?.fast.due()
+    }
+
+    fn plan(&mut self, rendered: &[Rendered], registry: &Registry) -> Result<FakePlan, String> {
+        let h = self.runtime.as_mut().ok_or("the fake always reloads")?;
+        let new = String::from_utf8_lossy(&rendered[0].bytes).into_owned();
+        h.fast.prove(registry, &new);
+        let files = runtime::plan(&h.disk, &new).map_err(|e| e.0);
+        let after = h
+            .fast
+            .closing(registry, files.as_deref().map_err(String::as_str));
+        files.map(|cmds| FakePlan { cmds, after })
     }
 
     async fn commit(
         &mut self,
         rendered: &[Rendered],
-        _: Option<()>,
+        plan: Option<FakePlan>,
     ) -> Result<Committed, DeployError> {
         let r = &rendered[0];
         let text = String::from_utf8_lossy(&r.bytes).into_owned();
@@ -57,16 +197,9 @@ impl Deploy for Fake {
             dest: r.template.dest.clone(),
             source,
         };
-        match self.script.pop_front() {
-            None => {
-                self.installed = true;
-                Ok(Committed {
-                    kind: ApplyKind::Reload,
-                    changed: vec![r.template.name.clone()],
-                    install_time: Duration::ZERO,
-                })
-            }
-            Some(Step::DiskFull) => Err(fail(InstallError::Io {
+        let error = match self.script.pop_front() {
+            None => None,
+            Some(Step::DiskFull) => Some(fail(InstallError::Io {
                 action: "cannot write a staged copy of",
                 path: r.template.dest.clone(),
                 source: std::io::Error::from(std::io::ErrorKind::StorageFull),
@@ -77,13 +210,58 @@ impl Deploy for Fake {
                     .position(|l| l.contains(needle))
                     .expect("the blamed text is rendered")
                     + 1;
-                Err(fail(InstallError::Invalid(ValidateError::Rejected {
+                Some(fail(InstallError::Invalid(ValidateError::Rejected {
                     file: STAGED.into(),
                     code: 1,
                     output: format!("[ALERT] (1) : config : [{STAGED}:{line}] : bad line"),
                 })))
             }
+        };
+        if let Some(e) = error {
+            // As the deployer: the previous file stays, and HAProxy is put back to it.
+            if let Some(h) = self.runtime.as_mut()
+                && h.fast.failed(e.disk().is_some())
+            {
+                h.realign();
+            }
+            return Err(e);
         }
+        self.installed = true;
+        let Some(h) = self.runtime.as_mut() else {
+            return Ok(Committed {
+                kind: ApplyKind::Reload,
+                changed: vec![r.template.name.clone()],
+                install_time: Duration::ZERO,
+            });
+        };
+        let ahead = h.fast.served().is_some();
+        let unchanged = h.disk == text;
+        h.events.push("install");
+        h.disk = text;
+        let kind = match plan {
+            Some(FakePlan { cmds, .. }) if unchanged && !ahead && cmds.is_empty() => {
+                ApplyKind::None
+            }
+            Some(FakePlan { cmds, after }) => {
+                match after.map(|a| h.fast.after_install(a, Some(h.seen))) {
+                    Some(After::Send(c)) => h.apply(&c),
+                    Some(After::Realign) => h.realign(),
+                    None => h.apply(&cmds),
+                }
+                ApplyKind::Runtime
+            }
+            None => {
+                h.events.push("reload");
+                h.servers = servers_of(&h.disk);
+                ApplyKind::Reload
+            }
+        };
+        h.fast.committed(Some(h.seen));
+        Ok(Committed {
+            kind,
+            changed: vec![r.template.name.clone()],
+            install_time: Duration::ZERO,
+        })
     }
 }
 
@@ -120,6 +298,7 @@ fn applier(script: Vec<Step>) -> (Applier<Fake>, Arc<Mutex<Vec<String>>>, tempfi
         script: script.into(),
         commits: Arc::clone(&commits),
         installed: false,
+        runtime: None,
     };
     let applier = Applier::with_deploy(config, templates, Arc::default(), fake);
     (applier, commits, dir)

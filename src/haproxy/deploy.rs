@@ -24,7 +24,14 @@ use super::{
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::model::Registry;
 use crate::render::Rendered;
+
+pub mod fast;
+mod files;
+
+use fast::{After, FastPath, Proof, Seen};
+use files::{plan_files, realign};
 
 /// Why a generation was not committed. The files on disk are those of before.
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +96,25 @@ pub trait Deploy: Send + 'static {
     fn installed(&self) -> bool;
     /// Whether a server-only change could go through the Runtime API now.
     fn runtime_ready(&self) -> bool;
-    /// The Runtime API plan that turns the installed files into `rendered`, or why a reload is
-    /// needed.
-    fn plan(&self, rendered: &[Rendered]) -> Result<Self::Plan, String>;
+    /// The fast path (see [`fast`]): sends the server-only change from `installed`, the
+    /// registry of the installed files, to `wanted` (slotted) before anything is rendered, when
+    /// it is one and may be sent ahead of the files. True when HAProxy took it: the files then
+    /// follow at [`Deploy::files_due`]. False: nothing was sent, or a send failed and this
+    /// apply must install now.
+    fn send_first(
+        &mut self,
+        installed: &Registry,
+        wanted: &Registry,
+    ) -> impl Future<Output = bool> + Send;
+    /// The registry HAProxy serves while it is ahead of the installed files.
+    fn served(&self) -> Option<&Registry>;
+    /// When the files must follow what was sent ahead of them: an apply is due then.
+    fn files_due(&self) -> Option<Instant>;
+    /// The Runtime API plan that turns the installed files into `rendered`, the render of
+    /// `registry`, or why a reload is needed.
+    fn plan(&mut self, rendered: &[Rendered], registry: &Registry) -> Result<Self::Plan, String>;
     /// Installs `rendered` and makes HAProxy take it (through `plan` when there is one); on
-    /// failure every file of this commit is put back.
+    /// failure every file of this commit is put back, and so is HAProxy.
     fn commit(
         &mut self,
         rendered: &[Rendered],
@@ -109,6 +130,8 @@ type Current = Vec<Option<Vec<u8>>>;
 pub struct Plan {
     cmds: Vec<runtime::Cmd>,
     current: Current,
+    /// With HAProxy ahead of the installed files: what it needs once they are installed.
+    after: Option<After>,
 }
 
 /// How long one Runtime API exchange may take.
@@ -154,6 +177,10 @@ pub struct Deployer {
     metrics: Arc<Metrics>,
     /// The HAProxy file this process installed after proving it (see `haproxy_file_id`).
     proven: Option<FileId>,
+    fast: FastPath,
+    /// HAProxy could not be put back to the installed files after a failed commit: the next
+    /// commit reloads it.
+    reload_next: bool,
 }
 
 impl Deployer {
@@ -176,6 +203,8 @@ impl Deployer {
             controller,
             metrics,
             proven: None,
+            fast: FastPath::new(config.wait),
+            reload_next: false,
         }
     }
 
@@ -276,6 +305,8 @@ impl Deployer {
                         commands = n,
                         "HAProxy's servers differed from the installed config; set through the Runtime API"
                     );
+                    // What was sent ahead of the files is undone: they follow at once.
+                    self.fast.disturbed();
                     return restarted;
                 }
                 Err(why) => why,
@@ -286,6 +317,7 @@ impl Deployer {
             return false;
         };
         tracing::warn!(reason = %why, "cannot compare or set HAProxy's servers through the Runtime API; reloading it on the installed config");
+        self.fast.disturbed();
         match self.controller.reload(Some(&self.state_save())).await {
             Ok(_) => tracing::info!("HAProxy reloaded on the installed config"),
             Err(e) => {
@@ -360,20 +392,104 @@ impl Deployer {
         Ok(installed)
     }
 
-    /// Reloads HAProxy; on failure restores the files of this commit.
+    /// Reloads HAProxy; on failure restores the files of this commit and puts HAProxy back to
+    /// them (`sent`: commands of this commit reached it).
     async fn reload(
         &mut self,
         rendered: &[Rendered],
         installed: &[(usize, Option<Vec<u8>>)],
+        sent: bool,
     ) -> Result<ApplyKind, DeployError> {
         match self.controller.reload(Some(&self.state_save())).await {
             Ok(kind) => Ok(kind),
             Err(e) => {
                 self.metrics.reload_failures.inc();
                 restore(rendered, installed);
+                self.put_back(false, sent).await;
                 Err(e.into())
             }
         }
+    }
+
+    /// What HAProxy runs now, for the fast path (None when it has no use for it).
+    async fn look(&self) -> Option<Seen> {
+        if !self.runtime_ready() || self.fast.proof() == Proof::Off {
+            return None;
+        }
+        let info = master::show_proc(self.controller.master_socket()?, RUNTIME_TIMEOUT)
+            .await
+            .ok()?;
+        Some(Seen {
+            master_pid: info.master_pid,
+            reloads: info.reloads,
+            restarts: self.metrics.haproxy_restarts.get(),
+        })
+    }
+
+    /// After a failed commit the previous files are in place: when HAProxy may hold what they
+    /// do not (it was ahead of them, or `sent`: commands of this commit reached it), it is
+    /// realigned with them, or else reloaded on them. `disk`: the install failed on the disk,
+    /// and nothing is sent ahead until an install lands.
+    async fn put_back(&mut self, disk: bool, sent: bool) {
+        let ahead = self.fast.failed(disk);
+        let Some(dest) = self.settings.main.clone().filter(|_| ahead || sent) else {
+            return;
+        };
+        let why = match realign(&self.settings.runtime_socket, &dest, RUNTIME_TIMEOUT).await {
+            Ok(n) => {
+                tracing::warn!(
+                    commands = n,
+                    "HAProxy put back to the installed config after a failed apply"
+                );
+                return;
+            }
+            Err(why) => why,
+        };
+        tracing::warn!(reason = %why, "cannot put HAProxy back to the installed config through the Runtime API; reloading it");
+        if let Err(e) = self.controller.reload(Some(&self.state_save())).await {
+            self.metrics.reload_failures.inc();
+            self.reload_next = true;
+            tracing::error!(error = %e, "cannot reload HAProxy on the installed config: it may serve server values the file does not hold until the next apply reloads it");
+        }
+    }
+
+    /// With HAProxy ahead of the files just installed: `after`, unless it loaded a file since
+    /// the last commit (then a realign), and the map replacements of `cmds`. Returns what HAProxy
+    /// was seen running.
+    async fn catch_up(&self, after: After, cmds: &[runtime::Cmd]) -> Result<Option<Seen>, String> {
+        let socket = &self.settings.runtime_socket;
+        let now = self.look().await;
+        let maps: Vec<runtime::Cmd> = cmds
+            .iter()
+            .filter(|c| matches!(c, runtime::Cmd::Map { .. }))
+            .cloned()
+            .collect();
+        match self.fast.after_install(after, now) {
+            After::Send(mut c) => {
+                c.extend(maps);
+                if !c.is_empty() {
+                    runtime::apply(socket, &c, RUNTIME_TIMEOUT)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            After::Realign => {
+                if !maps.is_empty() {
+                    runtime::apply(socket, &maps, RUNTIME_TIMEOUT)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                let dest = self.settings.main.as_ref().ok_or("no haproxy template")?;
+                let n = realign(socket, dest, RUNTIME_TIMEOUT).await?;
+                if n > 0 {
+                    tracing::warn!(
+                        commands = n,
+                        "HAProxy differed from the files installed after changes sent ahead of them; set through the Runtime API"
+                    );
+                }
+            }
+        }
+        Ok(now)
     }
 }
 
@@ -382,6 +498,7 @@ impl Deploy for Deployer {
 
     fn configure(&mut self, config: &Config) {
         self.settings = Settings::of(config);
+        self.fast.configure(config.wait);
     }
 
     fn installed(&self) -> bool {
@@ -392,36 +509,66 @@ impl Deploy for Deployer {
         self.settings.runtime_updates && self.controller.is_running()
     }
 
-    /// Only the file HAProxy loads and map files may change.
-    fn plan(&self, rendered: &[Rendered]) -> Result<Plan, String> {
-        let main = self.settings.main.as_ref().ok_or("no haproxy template")?;
-        let mut plan = None;
-        let mut maps = Vec::new();
-        let mut current = Vec::with_capacity(rendered.len());
-        for r in rendered {
-            let installed = install::read_installed(&r.template.dest)
-                .map_err(|e| e.to_string())?
-                .ok_or("nothing installed yet")?;
-            // Strict UTF-8 (a render always is): the lossy conversion walked a megabyte byte by
-            // byte on every apply.
-            if &r.template.dest == main {
-                let (old, new) = (as_text(&installed, r)?, as_text(&r.bytes, r)?);
-                plan = Some(runtime::plan(old, new).map_err(|e| e.0)?);
-            } else if installed != r.bytes {
-                if !r.template.map {
-                    return Err(format!("template {:?} changed too", r.template.name));
-                }
-                let path = r.template.dest.display().to_string();
-                let new = as_text(&r.bytes, r)?;
-                maps.push(runtime::plan_map(&path, new).map_err(|e| e.0)?);
+    async fn send_first(&mut self, installed: &Registry, wanted: &Registry) -> bool {
+        if !self.runtime_ready() || self.reload_next {
+            return false;
+        }
+        // The installed file must be the one this process proved: the files follow without
+        // `haproxy -c`, as any server-only change of a proven file does.
+        let file_proven = self.proven.is_some() && self.proven == self.haproxy_file_id();
+        let restarts = self.metrics.haproxy_restarts.get();
+        let Some(cmds) = self.fast.commands(installed, wanted, file_proven, restarts) else {
+            return false;
+        };
+        let opening = self.fast.served().is_none();
+        let started = Instant::now();
+        let result = runtime::apply(&self.settings.runtime_socket, &cmds, RUNTIME_TIMEOUT).await;
+        tracing::debug!(
+            commands = cmds.len(),
+            send_ms = started.elapsed().as_secs_f64() * 1e3,
+            "sent ahead of the files"
+        );
+        if opening {
+            // The server state saved before the last reload holds values these commands
+            // replace (see `commit`).
+            let _ = std::fs::remove_file(&self.settings.state_file);
+        }
+        let ok = match result {
+            Ok(()) => true,
+            Err(e) => {
+                self.metrics.runtime_failures.inc();
+                tracing::warn!(error = %e, "Runtime API refused a change sent ahead of the files; installing them now");
+                false
             }
-            current.push(Some(installed));
-        }
-        if let Some(cmds) = plan.as_mut() {
-            cmds.extend(maps);
-        }
-        plan.map(|cmds| Plan { cmds, current })
-            .ok_or_else(|| "the haproxy template was not rendered".into())
+        };
+        self.fast
+            .sent(installed, wanted.clone(), ok, Instant::now());
+        ok
+    }
+
+    fn served(&self) -> Option<&Registry> {
+        self.fast.served()
+    }
+
+    fn files_due(&self) -> Option<Instant> {
+        self.fast.due()
+    }
+
+    /// Only the file HAProxy loads and map files may change.
+    fn plan(&mut self, rendered: &[Rendered], registry: &Registry) -> Result<Plan, String> {
+        let started = Instant::now();
+        let planned = plan_files(&self.settings, &mut self.fast, rendered, registry);
+        tracing::debug!(
+            plan_ms = started.elapsed().as_secs_f64() * 1e3,
+            "planned from the files"
+        );
+        let files = planned.as_ref().map(|(c, _)| c.as_slice());
+        let after = self.fast.closing(registry, files.map_err(String::as_str));
+        planned.map(|(cmds, current)| Plan {
+            cmds,
+            current,
+            after,
+        })
     }
 
     async fn commit(
@@ -429,10 +576,11 @@ impl Deploy for Deployer {
         rendered: &[Rendered],
         plan: Option<Plan>,
     ) -> Result<Committed, DeployError> {
-        let (cmds, current) = match plan {
-            Some(p) => (Some(p.cmds), Some(p.current)),
-            None => (None, None),
+        let (cmds, current, after) = match plan {
+            Some(p) => (Some(p.cmds), Some(p.current), p.after),
+            None => (None, None, None),
         };
+        let ahead = self.fast.served().is_some();
         let started = Instant::now();
         // A server-only change to the file this process proved last needs no second proof:
         // only addresses (IP literals), ports (1-65535), weights (0-256) and `disabled` differ,
@@ -441,50 +589,68 @@ impl Deploy for Deployer {
         let proven = cmds.as_ref().is_some_and(|c| !c.is_empty())
             && self.proven.is_some()
             && self.proven == self.haproxy_file_id();
-        let installed = self.install_all(rendered, proven, current).await?;
+        let installed = match self.install_all(rendered, proven, current).await {
+            Ok(installed) => installed,
+            Err(e) => {
+                self.put_back(e.disk().is_some(), false).await;
+                return Err(e);
+            }
+        };
         let install_time = started.elapsed();
         let changed = installed
             .iter()
             .map(|(i, _)| rendered[*i].template.name.clone())
             .collect();
         let reload_started = Instant::now();
-        let kind = if installed.is_empty() && !self.controller.needs_start() {
-            ApplyKind::None
-        } else if let Some(cmds) = cmds.as_ref().filter(|_| !installed.is_empty()) {
-            match runtime::apply(&self.settings.runtime_socket, cmds, RUNTIME_TIMEOUT).await {
-                Ok(()) => {
+        let runtime = cmds
+            .as_ref()
+            .filter(|_| (ahead || !installed.is_empty()) && !self.reload_next);
+        let idle = installed.is_empty() && !ahead && !self.reload_next;
+        let (kind, seen) = if idle && !self.controller.needs_start() {
+            (ApplyKind::None, None)
+        } else if let Some(cmds) = runtime {
+            let result = match after {
+                Some(after) => self.catch_up(after, cmds).await,
+                None => runtime::apply(&self.settings.runtime_socket, cmds, RUNTIME_TIMEOUT)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(seen) => {
                     // The server state saved before the last reload now holds values these
                     // commands replaced: an HAProxy that loaded it later (restarted by its own
                     // supervisor, reloaded by someone else) would restore them over the file's.
                     let _ = std::fs::remove_file(&self.settings.state_file);
-                    ApplyKind::Runtime
+                    (ApplyKind::Runtime, seen)
                 }
                 Err(e) => {
                     // The new file is installed and proven: a reload makes HAProxy match it.
                     self.metrics.runtime_failures.inc();
                     tracing::warn!(error = %e, "Runtime API refused a change; reloading instead");
-                    self.reload(rendered, &installed).await?
+                    (self.reload(rendered, &installed, true).await?, None)
                 }
             }
         } else {
-            self.reload(rendered, &installed).await?
+            (self.reload(rendered, &installed, ahead).await?, None)
         };
         if !matches!(kind, ApplyKind::None | ApplyKind::Written) {
             self.metrics
                 .reload_seconds
                 .observe(reload_started.elapsed().as_secs_f64());
         }
+        self.reload_next = false;
+        let seen = match seen {
+            Some(seen) => Some(seen),
+            None => self.look().await,
+        };
+        self.fast.committed(seen);
         Ok(Committed {
             kind,
             changed,
             install_time,
         })
     }
-}
-
-/// A rendered or installed file as text, for a Runtime API plan.
-fn as_text<'a>(bytes: &'a [u8], r: &Rendered) -> Result<&'a str, String> {
-    std::str::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", r.template.dest.display()))
 }
 
 /// Puts back the files a commit installed, newest first.
@@ -495,28 +661,4 @@ fn restore(rendered: &[Rendered], installed: &[(usize, Option<Vec<u8>>)]) {
             tracing::error!(template = %t.name, error = %e, "cannot restore the previous file");
         }
     }
-}
-
-/// Brings the servers the running HAProxy holds (`show servers state` on `runtime_socket`) in
-/// line with the installed file `config`, through the Runtime API; says how many commands that
-/// took (0: they were in line). An error says why that cannot be done, and a reload is then the
-/// way.
-async fn realign(runtime_socket: &Path, config: &Path, timeout: Duration) -> Result<usize, String> {
-    let cfg = std::fs::read(config).map_err(|e| format!("{}: {e}", config.display()))?;
-    let cfg =
-        std::str::from_utf8(&cfg).map_err(|_| format!("{} is not UTF-8", config.display()))?;
-    let state = master::command(runtime_socket, "show servers state", timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let cmds = runtime::plan_state(&state, cfg).map_err(|e| e.0)?;
-    // The caller logs how many; a stale state file can hold thousands of servers.
-    for c in &cmds {
-        tracing::debug!(command = %c, "realigning a server with the installed file");
-    }
-    if !cmds.is_empty() {
-        runtime::apply(runtime_socket, &cmds, timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(cmds.len())
 }

@@ -380,6 +380,15 @@ impl Controller {
         }
     }
 
+    /// The master socket of the HAProxy this controller drives, if it has one.
+    pub fn master_socket(&self) -> Option<&std::path::Path> {
+        match self {
+            Controller::Master { socket, .. } => Some(socket),
+            Controller::Supervise { spec, .. } => Some(&spec.master_socket),
+            Controller::None | Controller::Command { .. } => None,
+        }
+    }
+
     /// Whether HAProxy still has to be started (supervise mode, before the first apply).
     pub fn needs_start(&self) -> bool {
         matches!(self, Controller::Supervise { running: None, .. })

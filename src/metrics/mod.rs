@@ -273,6 +273,13 @@ impl Metrics {
         self.applied_once.store(true, Ordering::Relaxed);
     }
 
+    /// HAProxy took a change of `revision` through the Runtime API ahead of its files: the
+    /// revision is applied, the files follow as an apply of their own.
+    pub fn served(&self, revision: i64) {
+        self.applied_revision.set(revision);
+        self.last_apply_timestamp.set(unix_seconds() as i64);
+    }
+
     pub fn set_rejected(&self, n: u64) {
         self.rejected_keys.set(n as i64);
     }

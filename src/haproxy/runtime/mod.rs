@@ -5,6 +5,7 @@
 //! the runtime socket and checks every reply, and turns the lame-duck switch on.
 
 mod plan;
+pub mod typed;
 
 use std::fmt;
 use std::net::IpAddr;

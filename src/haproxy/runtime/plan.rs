@@ -14,14 +14,68 @@ use super::{Cmd, LAME_DUCK_SWITCH};
 
 /// A parsed `server` line.
 #[derive(Debug, PartialEq, Eq)]
-struct Server<'a> {
-    name: &'a str,
-    ip: IpAddr,
-    port: u16,
-    weight: u16,
-    disabled: bool,
+pub(super) struct Server<'a> {
+    pub(super) name: &'a str,
+    pub(super) set: Set,
     /// Every other token, in order: must be equal on both sides.
     rest: Vec<&'a str>,
+}
+
+/// What the Runtime API sets on a server: its address, its weight and its maintenance
+/// (`disabled` in the file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Set {
+    pub(super) ip: IpAddr,
+    pub(super) port: u16,
+    pub(super) weight: u16,
+    pub(super) disabled: bool,
+}
+
+/// Appends the commands that take server `backend/server` from `a` to `b`: into maintenance
+/// first, out of it last, so that it never takes traffic at a half-set address. Both plans
+/// (from the files and from the typed registries) go through here, so the same change is the
+/// same commands in the same order. A weight above 256 cannot be set: the caller reloads.
+pub(super) fn server_cmds(
+    backend: &str,
+    server: &str,
+    a: &Set,
+    b: &Set,
+    cmds: &mut Vec<Cmd>,
+) -> Result<(), String> {
+    let (backend, server) = (backend.to_owned(), server.to_owned());
+    if b.weight != a.weight && b.weight > 256 {
+        return Err("weight above 256".into());
+    }
+    if b.disabled && !a.disabled {
+        cmds.push(Cmd::State {
+            backend: backend.clone(),
+            server: server.clone(),
+            ready: false,
+        });
+    }
+    if (a.ip, a.port) != (b.ip, b.port) {
+        cmds.push(Cmd::Addr {
+            backend: backend.clone(),
+            server: server.clone(),
+            ip: b.ip,
+            port: b.port,
+        });
+    }
+    if a.weight != b.weight {
+        cmds.push(Cmd::Weight {
+            backend: backend.clone(),
+            server: server.clone(),
+            weight: b.weight,
+        });
+    }
+    if a.disabled && !b.disabled {
+        cmds.push(Cmd::State {
+            backend,
+            server,
+            ready: true,
+        });
+    }
+    Ok(())
 }
 
 /// HAProxy's names: letters, digits, '-', '_', '.', ':'.
@@ -41,7 +95,7 @@ fn parse_addr(s: &str) -> Option<(IpAddr, u16)> {
     Some((host.parse().ok()?, port.parse().ok()?))
 }
 
-fn parse_server(line: &str) -> Option<Server<'_>> {
+pub(super) fn parse_server(line: &str) -> Option<Server<'_>> {
     let mut words = line.split_whitespace();
     if words.next()? != "server" {
         return None;
@@ -61,10 +115,12 @@ fn parse_server(line: &str) -> Option<Server<'_>> {
     }
     Some(Server {
         name,
-        ip,
-        port,
-        weight,
-        disabled,
+        set: Set {
+            ip,
+            port,
+            weight,
+            disabled,
+        },
         rest,
     })
 }
@@ -147,39 +203,8 @@ pub fn plan(old: &str, new: &str) -> Result<Vec<Cmd>, NeedsReload> {
         if sa.name != sb.name || sa.rest != sb.rest {
             return reload(format!("line {line}: the server's name or options changed"));
         }
-        let (backend, server) = (be.to_owned(), sb.name.to_owned());
-        if sb.disabled && !sa.disabled {
-            cmds.push(Cmd::State {
-                backend: backend.clone(),
-                server: server.clone(),
-                ready: false,
-            });
-        }
-        if (sa.ip, sa.port) != (sb.ip, sb.port) {
-            cmds.push(Cmd::Addr {
-                backend: backend.clone(),
-                server: server.clone(),
-                ip: sb.ip,
-                port: sb.port,
-            });
-        }
-        if sa.weight != sb.weight {
-            if sb.weight > 256 {
-                return reload(format!("line {line}: weight above 256"));
-            }
-            cmds.push(Cmd::Weight {
-                backend: backend.clone(),
-                server: server.clone(),
-                weight: sb.weight,
-            });
-        }
-        if sa.disabled && !sb.disabled {
-            cmds.push(Cmd::State {
-                backend,
-                server,
-                ready: true,
-            });
-        }
+        server_cmds(be, sb.name, &sa.set, &sb.set, &mut cmds)
+            .map_err(|why| NeedsReload(format!("line {line}: {why}")))?;
     }
     Ok(cmds)
 }
@@ -299,10 +324,12 @@ pub fn plan_state(state: &str, cfg: &str) -> Result<Vec<Cmd>, NeedsReload> {
                 "HAProxy has no server {be}/{name}: it runs another file"
             ));
         };
-        let Some(s) = parse_server(line).filter(|_| (be, *name) != LAME_DUCK_SWITCH) else {
+        let Some(Server { set: s, .. }) =
+            parse_server(line).filter(|_| (be, *name) != LAME_DUCK_SWITCH)
+        else {
             continue;
         };
-        let (backend, server) = (be.to_owned(), s.name.to_owned());
+        let (backend, server) = (be.to_string(), name.to_string());
         if s.disabled && !maint {
             cmds.push(Cmd::State {
                 backend: backend.clone(),
