@@ -145,6 +145,21 @@ impl Etcd {
     /// Starts a plain etcd and waits until it is healthy.
     pub fn start() -> Etcd {
         let mut e = Etcd::with(EtcdOptions::default());
+        // A port picked free can be taken before etcd binds it (an outgoing connection's
+        // ephemeral port, under a loaded parallel suite): a first start takes new ports.
+        for _ in 0..3 {
+            match e.try_launch() {
+                Ok(()) => return e,
+                Err(log) if log.contains("address already in use") => {
+                    let _ = std::fs::remove_dir_all(e.dir.path().join("data"));
+                    let _ = std::fs::remove_file(e.log_path());
+                    e.client_port = free_port();
+                    e.peer_port = free_port();
+                    e.metrics_port = free_port();
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         e.launch();
         e
     }
@@ -198,6 +213,13 @@ impl Etcd {
     /// Starts the process (first start or restart on the same data dir and ports) and waits
     /// for /health.
     pub fn launch(&mut self) {
+        if let Err(why) = self.try_launch() {
+            panic!("{why}");
+        }
+    }
+
+    /// [`Etcd::launch`], with why etcd did not start as the error (it is not left running).
+    fn try_launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "etcd is already running");
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -234,12 +256,13 @@ impl Etcd {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.healthy() {
-                return;
+                return Ok(());
             }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("etcd exited with {status}:\n{}", self.log());
+                self.child = None;
+                return Err(format!("etcd exited with {status}:\n{}", self.log()));
             }
             assert!(
                 Instant::now() < deadline,
