@@ -496,6 +496,66 @@ fn a_restarted_haconfd_adopts_the_haproxy_it_left_running_so_there_is_never_a_se
     assert!(listeners(node.port()).is_empty());
 }
 
+/// A server-only change goes to HAProxy ahead of its file (the file follows once changes pause
+/// for `[wait] min`). haconfd SIGKILLed inside that window leaves an HAProxy that serves what
+/// no file says; the haconfd started next adopts it and reloads it on the installed file, which
+/// the registry agrees with again, so no apply follows to set the servers. The reload must not
+/// restore the sent-ahead port from the server state file saved just before it (HAProxy takes
+/// a server's port from that file over the config's): the save leaves out every server the
+/// file it is about to load says otherwise.
+#[test]
+fn an_adopted_haproxy_that_was_ahead_of_its_file_is_set_back_to_the_file() {
+    let (a, b) = (Backend::start("backend-A"), Backend::start("backend-B"));
+    let mut node = Lb::serving_web(
+        &a,
+        Opts {
+            mode: "supervise",
+            wait: ("20s", "40s"),
+            ..Opts::default()
+        },
+    );
+    let orphan = node.proc().expect("show proc").master_pid;
+    // The first server-only change proves the template (installed, then sent).
+    let weighted = |backend: &Backend| {
+        (
+            "a",
+            format!(
+                "'{{\"addr\":\"127.0.0.1:{}\",\"weight\":50}}'",
+                backend.port
+            ),
+        )
+    };
+    node.ws
+        .write_registry(registry(&[("web", &[weighted(&a)])]));
+    node.wait_applied("runtime", 1);
+    let installed = node.dest();
+
+    // a moves to backend-B: HAProxy serves it at once, its file waits for a pause of 20 s.
+    node.ws
+        .write_registry(registry(&[("web", &[weighted(&b)])]));
+    node.wait_log(SETTLE, "served through the Runtime API; the files follow");
+    node.reach("web", "backend-B");
+    assert_eq!(node.dest(), installed, "the file did not wait");
+
+    // haconfd dies inside the window; the registry goes back to what the file says.
+    node.daemon.child.kill().expect("SIGKILL haconfd");
+    node.daemon.child.wait().expect("reap haconfd");
+    node.ws
+        .write_registry(registry(&[("web", &[weighted(&a)])]));
+    node.respawn();
+    node.wait_first_apply();
+    assert_eq!(node.proc().map(|p| p.master_pid), Some(orphan));
+    assert_eq!(node.dest(), installed);
+    node.reach("web", "backend-A");
+    assert!(
+        node.bodies("web", 6).iter().all(|x| x == "backend-A"),
+        "the adopted HAProxy still serves what was sent ahead of the file\n{}",
+        node.log()
+    );
+    node.assert_agree("be_web");
+    assert_eq!(node.daemon.terminate(SETTLE * 2), Some(0), "{}", node.log());
+}
+
 #[test]
 fn sigterm_softly_stops_an_adopted_haproxy() {
     let a = Backend::start("backend-A");

@@ -42,6 +42,8 @@ pub struct Opts {
     /// The etcd source instead of the file: the lines of the `[etcd]` table (see
     /// [`etcd_table`]).
     pub etcd: Option<String>,
+    /// `[wait] min` and `max`.
+    pub wait: (&'static str, &'static str),
 }
 
 /// The lines of an `[etcd]` table for `endpoints`, in this order.
@@ -62,6 +64,7 @@ impl Default for Opts {
             hosts_map_src: None,
             lame_duck: "0s",
             etcd: None,
+            wait: ("50ms", "500ms"),
         }
     }
 }
@@ -173,8 +176,8 @@ spare_slots = 2
 reload_timeout = "20s"
 
 [wait]
-min = "50ms"
-max = "500ms"
+min = "{wait_min}"
+max = "{wait_max}"
 
 [frontend]
 bind = ["127.0.0.1:{port}"]
@@ -191,6 +194,8 @@ listen = "127.0.0.1:{admin}"
             run = self.path("run").display(),
             port = self.bind_port,
             lame_duck = opts.lame_duck,
+            wait_min = opts.wait.0,
+            wait_max = opts.wait.1,
             admin = free_port(),
             extra = opts.extra,
             hosts = if opts.hosts_map {
