@@ -37,6 +37,12 @@ bind = ["127.0.0.1:18080"]
     }
 }
 
+fn template_text() -> String {
+    let path = std::env::var("HACONFD_BENCH_TEMPLATE")
+        .unwrap_or_else(|_| format!("{}/templates/haproxy.cfg.tera", env!("CARGO_MANIFEST_DIR")));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
 fn pairs(services: usize, instances: usize) -> Vec<(String, String)> {
     let mut out = Vec::with_capacity(services * instances);
     for s in 0..services {
@@ -126,6 +132,17 @@ fn main() {
         });
         println!(
             "one change, cached    {services:>6}×10 {:>9.2?} {:>9.2?}",
+            m, b
+        );
+        // The structural check, part of every render above: every line of the output read for
+        // a guarded directive.
+        let allowed = haconfd::render::structure::count(&template_text());
+        let text = String::from_utf8_lossy(&out[0].bytes).into_owned();
+        let (m, b, _) = time(runs * 4, || {
+            haconfd::render::structure::check(&allowed, &text).is_ok()
+        });
+        println!(
+            "structural check      {services:>6}×10 {:>9.2?} {:>9.2?}",
             m, b
         );
     }
