@@ -369,6 +369,11 @@ fn server_only_changes_through_etcd_go_ahead_of_the_file_which_then_equals_rende
     assert_eq!(after.master_pid, before.master_pid);
     assert_eq!(lb.applied("reload"), 0, "{log}");
     assert_eq!(lb.failed_applies(), 0, "{log}");
+    assert_eq!(
+        lb.metric("haconfd_served_ahead_total"),
+        Some(served as f64),
+        "{log}"
+    );
     assert!(!log.contains("differed from the files"), "{log}");
     assert_eq!(lb.daemon.terminate(SETTLE * 2), Some(0), "{}", lb.log());
 }

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// HAProxy masters that died and were started again (supervise), or that their own
     /// supervisor restarted (master mode, as haconfd noticed).
     pub haproxy_restarts: Counter,
+    /// Server-only changes HAProxy took through the Runtime API ahead of their files.
+    served_ahead: Counter,
     /// The file watches (the registry file's; the templates' and config's) that poll their
     /// files because inotify is out of instances or watches.
     pub file_watch_polling: Gauge,
@@ -95,6 +97,7 @@ impl Default for Metrics {
             runtime_failures: Counter::default(),
             guard_holds: Counter::default(),
             haproxy_restarts: Counter::default(),
+            served_ahead: Counter::default(),
             file_watch_polling: Gauge::default(),
             orphans_reaped: Counter::default(),
             render_seconds: Histogram::new(buckets()),
@@ -171,6 +174,11 @@ impl Metrics {
             "haproxy_restarts",
             "HAProxy masters that died (killed, or their worker killed) and were started again on the installed config (supervise), or that their own supervisor restarted (master mode)",
             self.haproxy_restarts.clone(),
+        );
+        r.register(
+            "served_ahead",
+            "Server-only changes HAProxy took through the Runtime API ahead of their files (which follow as applies of kind runtime)",
+            self.served_ahead.clone(),
         );
         r.register(
             "file_watch_polling",
@@ -276,6 +284,7 @@ impl Metrics {
     /// HAProxy took a change of `revision` through the Runtime API ahead of its files: the
     /// revision is applied, the files follow as an apply of their own.
     pub fn served(&self, revision: i64) {
+        self.served_ahead.inc();
         self.applied_revision.set(revision);
         self.last_apply_timestamp.set(unix_seconds() as i64);
     }
