@@ -415,4 +415,13 @@ fn times_come_from_the_nodes_published_applies_and_since_falls_back_to_the_oldes
     assert!(text.contains("# since 1d ("), "{text}");
     assert!(row(&text, rev, "/services/web/w1").is_some(), "{text}");
     assert_exit(&history(node.config(), &["--since", "soon"]), 64);
+
+    // Two seconds ago lb-1 had applied the change (it published it more than two seconds
+    // ago): the range starts after it, and the header says which record it came from.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = history(node.config(), &["--since", "2s"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("lb-1 had applied revision"), "{text}");
+    assert!(row(&text, rev, "/services/web/w1").is_none(), "{text}");
 }

@@ -134,14 +134,6 @@ impl Clock {
         Some((r, r.at))
     }
 
-    /// The highest revision a node reports having applied at or before `at`.
-    pub fn revision_at(&self, at: SystemTime) -> Option<&Record> {
-        self.records
-            .iter()
-            .filter(|r| r.at <= at)
-            .max_by_key(|r| (r.revision, r.at))
-    }
-
     /// Whether any record was read.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
@@ -205,22 +197,6 @@ mod tests {
         assert_eq!(clock.time_of(10).map(|(_, t)| t), Some(at(100)));
         assert_eq!(clock.time_of(21), None);
         assert!(clock.describe(21).starts_with("time unknown"));
-    }
-
-    #[test]
-    fn a_time_maps_to_the_highest_revision_applied_by_then() {
-        let clock = Clock::new(
-            vec![
-                record("a", 10, 100),
-                record("b", 12, 103),
-                record("a", 15, 102),
-            ],
-            1,
-        );
-        assert_eq!(clock.revision_at(at(99)), None);
-        assert_eq!(clock.revision_at(at(100)).map(|r| r.revision), Some(10));
-        assert_eq!(clock.revision_at(at(102)).map(|r| r.revision), Some(15));
-        assert_eq!(clock.revision_at(at(500)).map(|r| r.revision), Some(15));
     }
 
     #[test]

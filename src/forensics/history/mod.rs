@@ -20,7 +20,7 @@ use crate::etcd::history::{self, Changes, current_revision, oldest_revision};
 use crate::failure::{Failure, write_stdout};
 use crate::model::is_service_name;
 
-use super::{Clock, Etcd};
+use super::{Clock, Etcd, Record};
 
 mod output;
 mod rows;
@@ -71,7 +71,6 @@ pub async fn command(cs: &ConfigSource, args: HistoryArgs) -> Result<(), Failure
         .map_err(runtime)?;
     let oldest = oldest_revision(&etcd.client, user).await.map_err(runtime)?;
 
-    let mut clock = None;
     let (from, since) = match (args.from, since) {
         (Some(from), _) if from < oldest => {
             return Err(Failure::Runtime(anyhow::anyhow!(
@@ -85,20 +84,25 @@ pub async fn command(cs: &ConfigSource, args: HistoryArgs) -> Result<(), Failure
         }
         (Some(from), _) => (from, None),
         (None, Some((text, ago))) => {
-            let read = etcd.clock(fleet_prefix, oldest, to).await;
-            let (from, since) = start_since(&read, &text, ago, oldest);
-            clock = Some(read);
+            let at = SystemTime::now()
+                .checked_sub(ago)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            // A binary search of the fleet's records, not a replay of them all since the
+            // oldest revision (see `render --at`).
+            let record = Clock::revision_at_time(&etcd.client, fleet_prefix, at, user)
+                .await
+                .map_err(runtime)?;
+            let (from, since) = start_since(record, at, &text, oldest);
             (from, Some(since))
         }
         (None, None) => (oldest, None),
     };
-    let (parts, clock) = match clock {
-        Some(clock) => (replay(&etcd, &replayed, from, to).await, clock),
-        None => tokio::join!(
-            replay(&etcd, &replayed, from, to),
-            etcd.clock(fleet_prefix, from, to)
-        ),
-    };
+    // The rows are dated by records published after `from`: a node publishes a revision
+    // after it was made.
+    let (parts, clock) = tokio::join!(
+        replay(&etcd, &replayed, from, to),
+        etcd.clock(fleet_prefix, from, to)
+    );
     let (changes, through) = rows::merge(parts?, LIMIT, to);
     tracing::debug!(changes = changes.len(), from, to, elapsed = ?started.elapsed(), "history replayed");
 
@@ -150,13 +154,10 @@ fn parse_since(text: &str) -> Result<(String, Duration), Failure> {
         })
 }
 
-/// The first revision after what the fleet had applied `ago` before now, or the oldest etcd
+/// The first revision after `record`, what the fleet had applied at `at`, or the oldest etcd
 /// holds when no node had published an apply that old (said on stderr and in the header).
-fn start_since(clock: &Clock, text: &str, ago: Duration, oldest: i64) -> (i64, Since) {
-    let at = SystemTime::now()
-        .checked_sub(ago)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let record = clock.revision_at(at).map(|r| (r.node.clone(), r.revision));
+fn start_since(record: Option<Record>, at: SystemTime, text: &str, oldest: i64) -> (i64, Since) {
+    let record = record.map(|r| (r.node, r.revision));
     let at = humantime::format_rfc3339_seconds(at).to_string();
     let from = match &record {
         Some((_, applied)) => (applied + 1).max(oldest),
