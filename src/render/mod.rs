@@ -4,6 +4,7 @@
 //! no clock and no environment (the environment for `getenv` is captured at load time, and
 //! refreshed with the templates on SIGHUP).
 
+pub mod fields;
 pub mod functions;
 pub mod structure;
 
@@ -16,6 +17,7 @@ use tera::{Context, Tera, Value};
 
 use crate::config::{Config, FrontendConfig, TemplateConfig};
 use crate::model::{Registry, Service, Snapshot};
+use fields::Fields;
 
 /// A template that cannot be loaded or rendered. The message carries tera's report, which names
 /// the template file, line and column.
@@ -81,7 +83,7 @@ struct Cached {
 }
 
 impl ValueCache {
-    fn services(&mut self, services: &[Arc<Service>]) -> Value {
+    fn services(&mut self, services: &[Arc<Service>], fields: Fields) -> Value {
         self.generation += 1;
         let generation = self.generation;
         let values: Vec<Value> = services
@@ -90,7 +92,7 @@ impl ValueCache {
                 Some(c) => {
                     if !Arc::ptr_eq(&c.service, s) {
                         if *c.service != **s {
-                            c.value = service_value(s);
+                            c.value = service_value(s, fields);
                         }
                         c.service = Arc::clone(s);
                     }
@@ -98,7 +100,7 @@ impl ValueCache {
                     c.value.clone()
                 }
                 None => {
-                    let value = service_value(s);
+                    let value = service_value(s, fields);
                     let cached = Cached {
                         service: Arc::clone(s),
                         value: value.clone(),
@@ -142,8 +144,8 @@ fn strings(list: &[String]) -> Value {
 
 /// The template value of a service: what `Value::from_serializable` makes of it (a test holds
 /// the two equal), built by hand, except `slots`: each is the instance in that slot, or the
-/// server name of a free slot.
-fn service_value(s: &Service) -> Value {
+/// server name of a free slot; and instances hold only the `fields` the templates read.
+fn service_value(s: &Service, fields: Fields) -> Value {
     let route = s.route.as_ref().map(|r| {
         map([
             ("hosts", strings(&r.hosts)),
@@ -158,7 +160,7 @@ fn service_value(s: &Service) -> Value {
         .map(|i| {
             // Most instances have no meta: they share one empty map instead of an allocation
             // each (2 MB at 2,000x10).
-            let meta = if i.meta.is_empty() {
+            let meta = if i.meta.is_empty() || !fields.has(7) {
                 EMPTY_MAP.clone()
             } else {
                 Value::from(
@@ -168,16 +170,23 @@ fn service_value(s: &Service) -> Value {
                         .collect::<BTreeMap<String, Value>>(),
                 )
             };
-            map([
-                ("id", Value::from(i.id.as_str())),
-                ("name", Value::from(i.name.as_str())),
-                ("host", Value::from(i.host.as_str())),
-                ("port", Value::from(i.port)),
-                ("addr", Value::from(i.addr.as_str())),
-                ("weight", Value::from(i.weight)),
-                ("state", Value::from(i.state.as_str())),
-                ("meta", meta),
-            ])
+            let all = [
+                Value::from(i.id.as_str()),
+                Value::from(i.name.as_str()),
+                Value::from(i.host.as_str()),
+                Value::from(i.port),
+                Value::from(i.addr.as_str()),
+                Value::from(i.weight),
+                Value::from(i.state.as_str()),
+                meta,
+            ];
+            let mut m = tera::Map::with_capacity(fields.names().count());
+            for (n, (name, value)) in fields::INSTANCE_FIELDS.iter().zip(all).enumerate() {
+                if fields.has(n) {
+                    m.insert((*name).into(), value);
+                }
+            }
+            Value::from(m)
         })
         .collect();
     // A slot is the instance in it (the same value, shared) or, when free, its server name: a
@@ -206,6 +215,8 @@ pub struct Templates {
     /// Per template, how often each guarded directive appears in its source.
     allowed: Vec<BTreeMap<&'static str, usize>>,
     values: ValueCache,
+    /// The instance fields the templates name: the only ones their values hold.
+    fields: Fields,
     /// Per template, the size of its last render: the next one is written into a buffer of
     /// about that size, where a growing one was copied at each doubling (10 MB of copies and
     /// page faults per render of a 5 MB file at 10,000x10).
@@ -247,8 +258,10 @@ impl Templates {
         );
         let mut list = Vec::new();
         let mut allowed = Vec::new();
+        let mut texts = Vec::new();
         for (t, text) in sources {
             allowed.push(structure::count(text));
+            texts.push(text);
             // The template's file name is its tera name, so errors point at the file.
             tera.add_raw_template(&tera_name(t), text)
                 .map_err(|e| RenderError::Parse {
@@ -264,6 +277,7 @@ impl Templates {
             list,
             allowed,
             values: ValueCache::default(),
+            fields: Fields::read_by(texts),
             sizes: Vec::new(),
             frontend: config.frontend.clone(),
             haproxy: HaproxyView {
@@ -294,7 +308,10 @@ impl Templates {
     ) -> Result<Vec<Rendered>, RenderError> {
         functions::register_functions(&mut self.tera, snapshot, &self.env);
         let mut ctx = Context::new();
-        ctx.insert_value("services", self.values.services(&registry.services));
+        ctx.insert_value(
+            "services",
+            self.values.services(&registry.services, self.fields),
+        );
         ctx.insert("frontend", &self.frontend);
         ctx.insert("haproxy", &self.haproxy);
         ctx.insert("files", &self.files);
@@ -429,16 +446,28 @@ mod tests {
         let values = |v: Value| -> Vec<Value> { v.as_array().expect("array").to_vec() };
         let mut cache = ValueCache::default();
         let (a, b) = (service("a", 1), service("b", 2));
-        let first = values(cache.services(&[Arc::clone(&a), Arc::clone(&b)]));
-        assert_eq!(first, [service_value(&a), service_value(&b)]);
+        let first = values(cache.services(&[Arc::clone(&a), Arc::clone(&b)], Fields::ALL));
+        assert_eq!(
+            first,
+            [
+                service_value(&a, Fields::ALL),
+                service_value(&b, Fields::ALL)
+            ]
+        );
         // b changes, c comes, a goes; an equal copy of an unchanged service is no change.
         let (b2, c) = (service("b", 3), service("c", 4));
-        let again = values(cache.services(&[Arc::clone(&b2), Arc::clone(&c)]));
-        assert_eq!(again, [service_value(&b2), service_value(&c)]);
+        let again = values(cache.services(&[Arc::clone(&b2), Arc::clone(&c)], Fields::ALL));
+        assert_eq!(
+            again,
+            [
+                service_value(&b2, Fields::ALL),
+                service_value(&c, Fields::ALL)
+            ]
+        );
         assert_eq!(cache.by_backend.len(), 2);
         assert!(!cache.by_backend.contains_key("be_a"));
         let copy = service("c", 4);
-        let third = values(cache.services(&[Arc::clone(&b2), Arc::clone(&copy)]));
+        let third = values(cache.services(&[Arc::clone(&b2), Arc::clone(&copy)], Fields::ALL));
         assert_eq!(third, again);
         assert!(Arc::ptr_eq(&cache.by_backend["be_c"].service, &copy));
     }
@@ -493,11 +522,11 @@ mod tests {
                     },
                 ],
             };
-            let value = service_value(&s);
+            let value = service_value(&s, Fields::ALL);
             let mut plain = s.clone();
             plain.slots.clear();
             assert_eq!(
-                service_value(&plain),
+                service_value(&plain, Fields::ALL),
                 Value::from_serializable(&plain),
                 "{s:?}"
             );
