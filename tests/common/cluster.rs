@@ -101,6 +101,21 @@ impl Cluster {
     }
 
     fn start_with(partitionable: bool) -> Cluster {
+        // A port picked free can be taken before etcd binds it (an outgoing connection's
+        // ephemeral port, under a loaded parallel suite): a cluster that loses one starts over
+        // on new ports.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Cluster::try_start(partitionable) {
+                Ok(c) => return c,
+                Err(why) if why.contains("address already in use") => last = why,
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("{last}")
+    }
+
+    fn try_start(partitionable: bool) -> Result<Cluster, String> {
         let dir = match std::path::Path::new("/dev/shm").is_dir() {
             true => tempfile::Builder::new()
                 .prefix("haconfd-cluster-")
@@ -150,9 +165,9 @@ impl Cluster {
             c.spawn(i);
         }
         for i in 0..c.members.len() {
-            c.wait_healthy(i);
+            c.try_wait_healthy(i)?;
         }
-        c
+        Ok(c)
     }
 
     /// Every member's client URL (running or not), as haconfd's `[etcd] endpoints`.
@@ -215,15 +230,26 @@ impl Cluster {
     }
 
     fn wait_healthy(&mut self, i: usize) {
+        if let Err(why) = self.try_wait_healthy(i) {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until member `i` is healthy; why it exited, if it did.
+    fn try_wait_healthy(&mut self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.members[i].healthy() {
-                return;
+                return Ok(());
             }
             if let Some(c) = self.members[i].child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("etcd member {i} exited with {status}:\n{}", self.log(i));
+                self.members[i].child = None;
+                return Err(format!(
+                    "etcd member {i} exited with {status}:\n{}",
+                    self.log(i)
+                ));
             }
             assert!(
                 Instant::now() < deadline,
