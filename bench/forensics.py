@@ -25,7 +25,6 @@ Python 3 standard library only.
 import argparse
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reload_under_load import REPO, Etcd, free_port, wait_until  # noqa: E402
+from reload_under_load import REPO, Etcd, free_port, stop_process, wait_until  # noqa: E402
 
 CONFIG = """[source]
 kind = "etcd"
@@ -145,13 +144,7 @@ def main():
             print(f"{name:28} {statistics.median(times) * 1000:7.0f} ms  "
                   f"max {max(times) * 1000:6.0f} ms  ({len(out) / 1e6:.1f} MB out)")
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(timeout=10)
+        stop_process(daemon, 15, "haconfd")
         etcd.stop()
 
 

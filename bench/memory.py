@@ -29,20 +29,19 @@ and haconfd are ended by their PIDs. Python 3 standard library only.
 """
 
 import argparse
-import base64
 import http.client
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reload_under_load import REPO, Etcd, free_port, percentile, wait_until  # noqa: E402
+from reload_under_load import (  # noqa: E402
+    REPO, Etcd, b64, free_port, percentile, stop_process, wait_until)
 
 SERVERS_TEMPLATE = """global
     master-worker
@@ -96,7 +95,6 @@ class Puts:
         self.conn = http.client.HTTPConnection(host, int(port), timeout=10)
 
     def put(self, key, value):
-        b64 = lambda t: base64.b64encode(t.encode()).decode()  # noqa: E731
         body = json.dumps({"key": b64(key), "value": b64(value)})
         self.conn.request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
         r = self.conn.getresponse()
@@ -233,13 +231,7 @@ def run_scale(args, services, instances):
         puts.close()
         return result
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc, 10, "haconfd")
         etcd.stop()
         if args.keep:
             print(f"kept {work}")

@@ -260,6 +260,20 @@ def b64(text):
     return base64.b64encode(text.encode()).decode()
 
 
+def stop_process(proc, grace, what):
+    """SIGTERM to a process this bench started (by its Popen, so by PID), SIGKILL after `grace`
+    seconds; returns its exit code (None: it had exited already, or never started)."""
+    if proc is None or proc.poll() is not None:
+        return None
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        print(f"{what} did not stop within {grace:.0f}s: SIGKILL", file=sys.stderr)
+        proc.kill()
+        return proc.wait(timeout=10)
+
+
 class Etcd:
     """A private etcd on 127.0.0.1: data dir under /dev/shm, free client and peer ports, written
     through the v3 JSON gateway with urllib."""
@@ -343,15 +357,7 @@ class Etcd:
         return int(r.get("count", 0))
 
     def stop(self, keep=False):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=self.STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"etcd did not stop within {self.STOP_TIMEOUT:.0f}s: SIGKILL",
-                      file=sys.stderr)
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, self.STOP_TIMEOUT, "etcd")
         if self.proc is not None:
             self.log.close()
         if keep:
@@ -667,14 +673,8 @@ listen = "127.0.0.1:{free_port()}"
             if p:
                 self.masters.add(p[0])
             if self.daemon.poll() is None:
-                self.daemon.send_signal(signal.SIGTERM)
-                try:
-                    code = self.daemon.wait(timeout=60)
-                    print(f"haconfd exited with {code}")
-                except subprocess.TimeoutExpired:
-                    print("haconfd did not stop within 60s: killing it", file=sys.stderr)
-                    self.daemon.kill()
-                    self.daemon.wait(timeout=10)
+                code = stop_process(self.daemon, 60, "haconfd")
+                print(f"haconfd exited with {code}")
             for pid in self.masters:
                 try:
                     os.kill(pid, signal.SIGTERM)
