@@ -47,6 +47,11 @@ impl Fields {
         Fields(set)
     }
 
+    /// How many fields the set holds.
+    pub fn count(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
     /// The names in the set, in map order.
     pub fn names(self) -> impl Iterator<Item = &'static str> {
         INSTANCE_FIELDS

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tera::{Context, Tera, Value};
 
 use crate::config::{Config, FrontendConfig, TemplateConfig};
-use crate::model::{Registry, Service, Snapshot};
+use crate::model::{Instance, Registry, Service, Snapshot};
 use fields::Fields;
 
 /// A template that cannot be loaded or rendered. The message carries tera's report, which names
@@ -142,6 +142,29 @@ fn strings(list: &[String]) -> Value {
     )
 }
 
+/// Field `n` of [`fields::INSTANCE_FIELDS`] of an instance, built only for the fields the
+/// templates name (a string over 21 bytes is an allocation in tera).
+fn instance_field(i: &Instance, n: usize) -> Value {
+    match n {
+        0 => Value::from(i.id.as_str()),
+        1 => Value::from(i.name.as_str()),
+        2 => Value::from(i.host.as_str()),
+        3 => Value::from(i.port),
+        4 => Value::from(i.addr.as_str()),
+        5 => Value::from(i.weight),
+        6 => Value::from(i.state.as_str()),
+        // Most instances have no meta: they share one empty map instead of an allocation each
+        // (2 MB at 2,000x10).
+        _ if i.meta.is_empty() => EMPTY_MAP.clone(),
+        _ => Value::from(
+            i.meta
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                .collect::<BTreeMap<String, Value>>(),
+        ),
+    }
+}
+
 /// The template value of a service: what `Value::from_serializable` makes of it (a test holds
 /// the two equal), built by hand, except `slots`: each is the instance in that slot, or the
 /// server name of a free slot; and instances hold only the `fields` the templates read.
@@ -158,32 +181,10 @@ fn service_value(s: &Service, fields: Fields) -> Value {
         .instances
         .iter()
         .map(|i| {
-            // Most instances have no meta: they share one empty map instead of an allocation
-            // each (2 MB at 2,000x10).
-            let meta = if i.meta.is_empty() || !fields.has(7) {
-                EMPTY_MAP.clone()
-            } else {
-                Value::from(
-                    i.meta
-                        .iter()
-                        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-                        .collect::<BTreeMap<String, Value>>(),
-                )
-            };
-            let all = [
-                Value::from(i.id.as_str()),
-                Value::from(i.name.as_str()),
-                Value::from(i.host.as_str()),
-                Value::from(i.port),
-                Value::from(i.addr.as_str()),
-                Value::from(i.weight),
-                Value::from(i.state.as_str()),
-                meta,
-            ];
-            let mut m = tera::Map::with_capacity(fields.names().count());
-            for (n, (name, value)) in fields::INSTANCE_FIELDS.iter().zip(all).enumerate() {
+            let mut m = tera::Map::with_capacity(fields.count());
+            for (n, name) in fields::INSTANCE_FIELDS.iter().enumerate() {
                 if fields.has(n) {
-                    m.insert((*name).into(), value);
+                    m.insert((*name).into(), instance_field(i, n));
                 }
             }
             Value::from(m)
