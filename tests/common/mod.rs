@@ -51,14 +51,14 @@ pub fn repo() -> PathBuf {
 /// on "address already in use"; a test reading another daemon's /metrics).
 pub fn free_port() -> u16 {
     use std::sync::Mutex;
-    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     let (low, high) = (10_000u16, ephemeral_low.max(10_001));
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(Default::default);
     // A different sequence per process: test binaries run one after the other, but a port
     // left in TIME_WAIT or held by another program is skipped by the bind below.
     let mut x = u64::from(std::process::id())
